@@ -1,0 +1,1 @@
+"""Model definitions named by conf/model/*.yaml. They know nothing of parallelism."""

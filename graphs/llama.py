@@ -1,0 +1,107 @@
+"""A Llama-family decoder: RMSNorm, RoPE, grouped-query attention through SDPA, SwiGLU MLP.
+
+Plain nn.Module code in the style of gpt-fast's model.py. Nothing here knows about tensor
+parallelism: the compiler finds heads and features by propagating shapes through the graph.
+RoPE tables are computed in forward from the positions (no buffers), so the model can be built
+on the meta device and still needs nothing but its parameters.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (..., T, head_dim // 2) for integer positions (..., T)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[..., None] * freqs  # (..., T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, H, T, D); cos/sin (B, 1, T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, ffn_dim, bias=False)
+        self.w_up = nn.Linear(dim, ffn_dim, bias=False)
+        self.w_down = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, n_heads, n_kv_heads, head_dim, ffn_dim, rope_theta, norm_eps):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, norm_eps)
+        self.attn = Attention(dim, n_heads, n_kv_heads, head_dim, rope_theta)
+        self.mlp_norm = RMSNorm(dim, norm_eps)
+        self.mlp = FeedForward(dim, ffn_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """input_ids (B, T) int64 -> logits (B, T, vocab)."""
+
+    def __init__(self, vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int,
+                 ffn_dim: int, head_dim: int | None = None, rope_theta: float = 10000.0,
+                 norm_eps: float = 1e-5, tie_embeddings: bool = False):
+        super().__init__()
+        head_dim = head_dim or dim // n_heads
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.layers = nn.ModuleList(
+            Block(dim, n_heads, n_kv_heads, head_dim, ffn_dim, rope_theta, norm_eps) for _ in range(n_layers))
+        self.norm = RMSNorm(dim, norm_eps)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, positions)
+        return self.lm_head(self.norm(x))  # (B, T, V)

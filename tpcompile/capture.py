@@ -1,0 +1,80 @@
+"""capture: model -> ExportedProgram -> the unlifted GraphModule the passes rewrite.
+
+Models from configs are built on the meta device, so capturing llama_8b allocates no weights.
+`rank_program` re-exports the rewritten graph with local (meta) weights: that is the engine's input.
+"""
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+from torch.fx import GraphModule
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "int64": torch.int64, "int32": torch.int32}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def example_inputs(specs: list[dict], device="meta", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Tensors for input specs {name, shape, dtype, high}: random ints below `high`, or normal floats."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in specs:
+        dtype = dtype_of(spec["dtype"])
+        if device == "meta":
+            out.append(torch.empty(spec["shape"], dtype=dtype, device="meta"))
+        elif dtype.is_floating_point:
+            out.append(torch.randn(spec["shape"], generator=gen).to(dtype))
+        else:
+            out.append(torch.randint(0, spec["high"], spec["shape"], generator=gen, dtype=dtype))
+    return tuple(out)
+
+
+def capture(model: nn.Module, example_args: tuple) -> GraphModule:
+    """torch.export the model (meta or real) and return its unlifted graph: parameters are get_attr nodes
+    named by fqn, every node carries the FakeTensor of its global shape in meta['val']."""
+    model.eval()
+    with torch.no_grad():
+        ep = torch.export.export(model, tuple(example_args))
+    return ep.module()
+
+
+def rank_program(gm: GraphModule, local_shapes: dict[str, tuple], dtypes: dict[str, torch.dtype],
+                 example_args: tuple) -> ExportedProgram:
+    """Re-export the rewritten graph with meta weights of local shape: the rank-agnostic engine graph."""
+    for fqn, shape in local_shapes.items():
+        _set_attr(gm, fqn, nn.Parameter(torch.empty(shape, dtype=dtypes[fqn], device="meta"), requires_grad=False))
+    meta_args = tuple(torch.empty(a.shape, dtype=a.dtype, device="meta") for a in example_args)
+    with torch.no_grad():
+        return torch.export.export(gm, meta_args)
+
+
+def _set_attr(root: nn.Module, fqn: str, value) -> None:
+    *path, name = fqn.split(".")
+    mod = root
+    for p in path:
+        mod = getattr(mod, p)
+    if name in mod._parameters:
+        mod._parameters[name] = value
+    elif name in mod._buffers:
+        mod._buffers[name] = value.data
+    else:
+        setattr(mod, name, value)
+
+
+def retarget_device(gm: GraphModule, device: str) -> int:
+    """Engines are traced on the meta device: point every `device=` argument at the runtime device and drop
+    the metadata asserts that name meta. Returns how many nodes changed."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.target == torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+            changed += 1
+        elif isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"].type == "meta":
+            node.kwargs = {**node.kwargs, "device": torch.device(device)}
+            changed += 1
+    gm.recompile()
+    return changed

@@ -1,0 +1,46 @@
+"""The partition passes, in order. Each returns what it changed; `partition` collects that for the report."""
+from dataclasses import dataclass, field
+
+from torch.fx import GraphModule
+
+from tpcompile.passes.insert_collectives import insert_collectives
+from tpcompile.passes.propagate import NeedFewerWays, Propagation, ShardingError, propagate_placements
+from tpcompile.passes.rewrite_shapes import rewrite_shapes
+from tpcompile.passes.split_rowwise_bias import split_rowwise_bias
+from tpcompile.plan import ShardPlan, with_fewer_ways
+
+__all__ = ["partition", "Partition", "ShardingError"]
+
+
+@dataclass
+class Partition:
+    gm: GraphModule                      # the rank-agnostic local graph (shapes are local, collectives inside)
+    plan: ShardPlan                      # final placements (kv-replicated parameters have fewer ways)
+    propagation: Propagation
+    changes: dict = field(default_factory=dict)  # pass name -> what it changed
+
+
+def partition(gm: GraphModule, plan: ShardPlan, group_name: str) -> Partition:
+    """Rewrite `gm` in place into the graph every rank runs."""
+    changes = {"split_rowwise_bias": split_rowwise_bias(gm, {f for f, s in plan.styles.items() if s == "rowwise"})}
+    replicated_kv = []
+    for _ in range(len(plan.placements) + 1):
+        try:
+            prop = propagate_placements(gm, plan.placements, plan.tp)
+            break
+        except NeedFewerWays as e:
+            fqns = e.origins
+            if not fqns:
+                raise ShardingError(f"{e.node.format_node()}: size {e.size} cannot be cut into {e.ways} pieces") from None
+            with_fewer_ways(plan, fqns, e.size)
+            replicated_kv.append((e.node.name, sorted(fqns), e.size))
+    changes["replicate_kv_heads"] = replicated_kv
+    changes["propagate_placements"] = {
+        "sharded_values": sum(1 for p in prop.placements.values() if str(p) != "R"),
+        "fallbacks": [n.name for n in prop.fallbacks]}
+    changes["rewrite_shapes"] = rewrite_shapes(gm, prop.rewrites)
+    changes["insert_collectives"] = insert_collectives(gm, prop.redistributes, plan.tp, group_name)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return Partition(gm, plan, prop, changes)
+

@@ -1,0 +1,58 @@
+"""Placements: the DTensor vocabulary, used at compile time only (engines see plain local tensors).
+
+Shard(dim, ways): the tensor is cut into `ways` contiguous pieces along `dim`; rank r holds piece
+r * ways // tp. ways == tp is the usual case; ways < tp means pieces are replicated on tp // ways
+ranks each (kv heads when tp > kv heads).
+Partial: every rank holds a summand; the full value is their sum (rowwise matmul output).
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Replicate:
+    def __str__(self) -> str:
+        return "R"
+
+
+@dataclass(frozen=True)
+class Shard:
+    dim: int
+    ways: int
+
+    def __str__(self) -> str:
+        return f"S({self.dim})/{self.ways}"
+
+
+@dataclass(frozen=True)
+class Partial:
+    def __str__(self) -> str:
+        return "P(sum)"
+
+
+Placement = Replicate | Shard | Partial
+R = Replicate()
+P = Partial()
+
+
+def local_shape(shape, placement: Placement) -> tuple[int, ...]:
+    shape = tuple(shape)
+    if isinstance(placement, Shard):
+        d = placement.dim
+        return shape[:d] + (shape[d] // placement.ways,) + shape[d + 1:]
+    return shape
+
+
+def piece(rank: int, tp: int, ways: int) -> int:
+    """Which of `ways` pieces rank `rank` holds: neighbouring ranks share a piece when ways < tp."""
+    return rank * ways // tp
+
+
+def shard_tensor(t: torch.Tensor, placement: Placement, rank: int, tp: int) -> torch.Tensor:
+    """The rank's local part of a global tensor, contiguous (AOTInductor mis-reads offset views)."""
+    if not isinstance(placement, Shard):
+        return t.contiguous()
+    size = t.shape[placement.dim] // placement.ways
+    start = piece(rank, tp, placement.ways) * size
+    return t.narrow(placement.dim, start, size).contiguous()

@@ -1,0 +1,159 @@
+"""Plans: a rule table of glob patterns over parameter names -> style, turned into one placement per parameter.
+
+A style says what a parameter does, not which dim to cut; the dim follows from the op that consumes it:
+
+    op (param position)        colwise        rowwise
+    linear weight (out, in)    Shard(0)       Shard(1)      # rowwise output is a partial sum -> all-reduce
+    linear bias (out,)         Shard(0)       Replicate     # added once, after the reduction
+    embedding weight (V, C)    Shard(1)       Shard(0)
+    anything else              Shard(0)       Shard(-1)
+"""
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.fx import GraphModule, Node
+
+from tpcompile.placement import R, Placement, Replicate, Shard
+
+aten = torch.ops.aten
+STYLES = ("colwise", "rowwise", "replicate")
+CONF_PLAN_DIR = Path(__file__).resolve().parents[1] / "conf" / "plan"
+
+
+class PlanError(ValueError):
+    """A plan that does not fit the model; the message names the parameter, the sizes, tp and the fix."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str  # glob over parameter fqns, e.g. "layers.*.attn.wq.weight"
+    style: str  # colwise | rowwise | replicate
+
+
+@dataclass
+class ShardPlan:
+    tp: int
+    rules: list[Rule]
+    styles: dict[str, str]            # fqn -> style (unmatched parameters: replicate)
+    placements: dict[str, Placement]  # fqn -> placement of the global tensor
+    shapes: dict[str, tuple]          # fqn -> global shape
+
+    def local_shape(self, fqn: str) -> tuple:
+        pl, shape = self.placements[fqn], list(self.shapes[fqn])
+        if isinstance(pl, Shard):
+            shape[pl.dim] //= pl.ways
+        return tuple(shape)
+
+    def digest(self) -> str:
+        text = json.dumps([[r.match, r.style] for r in self.rules])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_rules(plan) -> list[Rule]:
+    """plan: a name from conf/plan, a path to a YAML rule file, a dict {pattern: style}, or a list of rules."""
+    if isinstance(plan, (str, Path)):
+        path = Path(plan)
+        if not path.suffix:
+            path = CONF_PLAN_DIR / f"{plan}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in CONF_PLAN_DIR.glob("*.yaml"))
+            raise PlanError(f"plan {str(plan)!r}: no such plan; use one of {known} or a path to a YAML rule file")
+        from omegaconf import OmegaConf
+        plan = OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("rules", [])
+    if isinstance(plan, dict):
+        plan = plan.get("rules", [{"match": k, "style": v} for k, v in plan.items()])
+    rules = []
+    for item in plan:
+        rule = item if isinstance(item, Rule) else Rule(**dict(item))
+        if rule.style not in STYLES:
+            raise PlanError(f"plan rule {rule.match!r}: unknown style {rule.style!r}; use one of {list(STYLES)}")
+        rules.append(rule)
+    return rules
+
+
+def param_nodes(gm: GraphModule) -> dict[str, Node]:
+    return {n.target: n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(n.meta.get("val"), torch.Tensor)}
+
+
+def make_plan(gm: GraphModule, rules: list[Rule], tp: int) -> ShardPlan:
+    """Match every rule against the graph's parameters and check every cut before any work."""
+    if tp < 1:
+        raise PlanError(f"tp={tp}: the tensor-parallel degree must be >= 1")
+    params = param_nodes(gm)
+    styles, owner = {}, {}
+    for rule in rules:
+        hits = [fqn for fqn in params if fnmatch.fnmatchcase(fqn, rule.match)]
+        if not hits:
+            examples = ", ".join(list(params)[:4])
+            raise PlanError(f"plan rule {rule.match!r} -> {rule.style} matches no parameter "
+                            f"(parameters look like: {examples}); fix the pattern or remove the rule")
+        for fqn in hits:
+            if fqn in owner:
+                raise PlanError(f"parameter {fqn} is matched by two rules, {owner[fqn].match!r} -> {owner[fqn].style} "
+                                f"and {rule.match!r} -> {rule.style}; make the patterns disjoint")
+            owner[fqn], styles[fqn] = rule, rule.style
+    placements, shapes = {}, {}
+    for fqn, node in params.items():
+        shape = tuple(node.meta["val"].shape)
+        style = styles.setdefault(fqn, "replicate")
+        pl = placement_for(node, style, tp)
+        if isinstance(pl, Shard) and shape[pl.dim] % tp:
+            raise PlanError(f"parameter {fqn} {list(shape)} is {style}: dim {pl.dim} of size {shape[pl.dim]} is not "
+                            f"divisible by tp={tp}; choose a tp that divides {shape[pl.dim]} or make it replicate")
+        placements[fqn], shapes[fqn] = pl, shape
+    return ShardPlan(tp, rules, styles, placements, shapes)
+
+
+def placement_for(node: Node, style: str, tp: int) -> Placement:
+    if style == "replicate" or tp == 1:
+        return R
+    ndim = node.meta["val"].dim()
+    for user in node.users:
+        position = user.args.index(node) if node in user.args else None
+        if user.target == aten.linear.default and position == 1:
+            return Shard(0 if style == "colwise" else 1, tp)
+        if user.target == aten.linear.default and position == 2:
+            return Shard(0, tp) if style == "colwise" else R
+        if user.target == aten.embedding.default and position == 0:
+            return Shard(1 if style == "colwise" else 0, tp)
+    return Shard(0 if style == "colwise" else ndim - 1, tp)
+
+
+def with_fewer_ways(plan: ShardPlan, fqns: set[str], ways: int) -> None:
+    """Cut these parameters into `ways` pieces shared by tp // ways ranks each (kv-head replication)."""
+    for fqn in fqns:
+        pl = plan.placements[fqn]
+        if isinstance(pl, Shard) and pl.ways > ways:
+            if plan.tp % ways:
+                raise PlanError(f"parameter {fqn}: its {ways} heads cannot be spread over tp={plan.tp} ranks "
+                                f"(tp must divide or be a multiple of {ways}); choose tp in "
+                                f"{[d for d in range(1, 2 * ways + 1) if d % ways == 0 or ways % d == 0]}")
+            plan.placements[fqn] = Shard(pl.dim, ways)
+
+
+def plan_table(plan: ShardPlan, itemsize: int) -> str:
+    """The pre-flight table: every parameter, its style, placement, global and local shape; per-rank bytes."""
+    rows = [("parameter", "style", "placement", "global", "local")]
+    total = local = 0
+    for fqn, shape in plan.shapes.items():
+        lshape = plan.local_shape(fqn)
+        rows.append((fqn, plan.styles[fqn], str(plan.placements[fqn]), "x".join(map(str, shape)) or "()",
+                     "x".join(map(str, lshape)) or "()"))
+        total += _numel(shape) * itemsize
+        local += _numel(lshape) * itemsize
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append(f"parameter bytes: total {total / 2**20:.2f} MiB, per rank {local / 2**20:.2f} MiB "
+                 f"({local / total:.1%} of total at tp={plan.tp})" if total else "no parameters")
+    return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,77 @@
+"""Weight sources: where global tensors come from, one parameter at a time.
+
+- random_source(model, seed): the model's own reset_parameters() per owning module, seeded by the
+  module's path, so any single tensor can be made without the rest (and bit-identically again).
+- module_source(model): a model that already holds its weights.
+"""
+import copy
+import hashlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+Source = Callable[[str], torch.Tensor]  # fqn -> global tensor
+
+
+def module_source(model: nn.Module) -> Source:
+    state = model.state_dict(keep_vars=False)
+    return lambda fqn: state[fqn].detach()
+
+
+def random_source(model: nn.Module, seed: int) -> Source:
+    """Tensors for a meta-device model from a seed. The owning module of each parameter is copied, made
+    real and reset alone; the seed mixes in the module path, so the order of requests does not matter."""
+    owners = {}
+    for mod_name, mod in model.named_modules():
+        for p_name, _ in mod.named_parameters(recurse=False):
+            owners.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, (mod_name, mod, p_name))
+        for b_name, _ in mod.named_buffers(recurse=False):
+            owners.setdefault(f"{mod_name}.{b_name}" if mod_name else b_name, (mod_name, mod, b_name))
+    cache: dict[str, nn.Module] = {}
+
+    def get(fqn: str) -> torch.Tensor:
+        mod_name, mod, name = owners[fqn]
+        if mod_name not in cache:
+            cache.clear()  # one owning module alive at a time keeps memory near one tensor
+            cache[mod_name] = _reset_alone(mod_name, mod, seed)
+        return getattr(cache[mod_name], name).detach()
+
+    return get
+
+
+def _reset_alone(path: str, mod: nn.Module, seed: int) -> nn.Module:
+    if not hasattr(mod, "reset_parameters"):
+        raise ValueError(f"module {path or '<root>'} ({type(mod).__name__}) has no reset_parameters(), so random "
+                         f"weights cannot be made for it; load real weights or add reset_parameters()")
+    alone = copy.copy(mod)
+    alone._modules = {}
+    alone._parameters = {k: None if v is None else nn.Parameter(torch.empty_like(v, device="cpu"), requires_grad=False)
+                         for k, v in mod._parameters.items()}
+    alone._buffers = {k: None if v is None else torch.empty_like(v, device="cpu") for k, v in mod._buffers.items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + int(hashlib.sha256(path.encode()).hexdigest()[:8], 16))
+        with torch.no_grad():
+            alone.reset_parameters()
+    return alone
+
+
+def materialize(model: nn.Module, source: Source, dtype: torch.dtype | None = None) -> nn.Module:
+    """Give a meta-device model real tensors from a source (the unsharded reference)."""
+    state = {}
+    for fqn, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if t.device.type == "meta":
+            state[fqn] = source(_first_name(model, fqn))
+    model.load_state_dict(state, assign=True, strict=False)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _first_name(model: nn.Module, fqn: str) -> str:
+    """The fqn under which a (possibly tied) tensor is first registered, as torch.export names it."""
+    target = model.get_parameter(fqn) if fqn in dict(model.named_parameters(remove_duplicate=False)) else model.get_buffer(fqn)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is target:
+            return name
+    return fqn
