@@ -1,0 +1,9 @@
+"""tpcompile: declarative, graph-compiled tensor parallelism for PyTorch.
+
+    import tpcompile
+    art = tpcompile.compile(model, (x,), tp=2, plan={"fc1.*": "colwise", "fc2.weight": "rowwise"})
+    y = art.run(x)
+"""
+from tpcompile.api import Artifact, Session, compile, load, verify
+
+__all__ = ["Artifact", "Session", "compile", "load", "verify"]

@@ -1,0 +1,99 @@
+"""The Python API, mirroring the CLI: compile / load / verify, Artifact.run / session."""
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tpcompile.artifact import read_manifest
+from tpcompile.build import build
+from tpcompile.capture import capture
+from tpcompile.plan import load_rules
+from tpcompile.verify import VerifyReport, compare
+from tpcompile.weights import module_source
+
+DEFAULT_OUT = Path("outputs/engines")
+
+
+class Artifact:
+    """A compiled artifact directory: manifest.json, engine file(s), rank{r}.safetensors."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+
+    @property
+    def tp(self) -> int:
+        return self.manifest.tp
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Artifact({str(self.path)!r}, tp={m.tp}, backend={m.backend!r}, dtype={m.dtype})"
+
+    def session(self, *, start_timeout_s: float = 120.0, call_timeout_s: float = 600.0, log_dir=None) -> "Session":
+        return Session(self, start_timeout_s=start_timeout_s, call_timeout_s=call_timeout_s, log_dir=log_dir)
+
+    def run(self, *args: torch.Tensor):
+        """Start tp local workers, run once, stop them; rank 0's outputs as CPU tensors."""
+        with self.session() as session:
+            return session(*args)
+
+
+class Session:
+    """Workers kept alive between calls: `with artifact.session() as s: y = s(x)`."""
+
+    def __init__(self, artifact: Artifact, **options):
+        self.artifact, self.options, self.group = artifact, options, None
+
+    def __enter__(self) -> "Session":
+        from tpcompile.runtime.launcher import WorkerGroup
+        m = self.artifact.manifest
+        self.group = WorkerGroup(tp=m.tp, handler="tpcompile.runtime.engine:make",
+                                 handler_args={"artifact": str(self.artifact.path.resolve())},
+                                 device=m.device, **self.options)
+        self.group.start()
+        return self
+
+    def __call__(self, *args: torch.Tensor):
+        replies = self.group.call("run", {"args": [a.detach().cpu().contiguous() for a in args]})
+        outputs = replies[0]["outputs"]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def __exit__(self, *exc) -> None:
+        if self.group is not None:
+            self.group.close()
+
+
+def load(path) -> Artifact:
+    return Artifact(path)
+
+
+def compile(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: str = "eager",
+            out_dir=None, device: str = "cpu") -> Artifact:
+    """Shard a model that holds its weights. plan: a name from conf/plan, a YAML path, or {pattern: style}."""
+    example_args = tuple(example_args)
+    if any(t.device.type == "meta" for t in model.state_dict().values()):
+        raise ValueError("the model has weights on the meta device; give it real weights, or compile a config "
+                         "with `tpcompile compile model=...` (random weights from a seed)")
+    gm = capture(model, example_args)
+    state = model.state_dict()
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    specs = [{"name": f"arg{i}", "shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch."),
+              "high": None} for i, a in enumerate(example_args)]
+    path = build(gm, example_args, rules=load_rules(plan), tp=tp, backend=backend, source=module_source(model),
+                 dtype=dtype, device=device, input_specs=specs, out_root=Path(out_dir or DEFAULT_OUT),
+                 key_parts={"weights": digest.hexdigest()}, log=lambda *_: None)
+    return Artifact(path)
+
+
+def verify(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: str = "eager", out_dir=None,
+           tolerance: float | None = None) -> VerifyReport:
+    """Compile, run on tp workers, and compare with the model's own forward in this process."""
+    artifact = compile(model, example_args, tp=tp, plan=plan, backend=backend, out_dir=out_dir)
+    with torch.no_grad():
+        ref = model(*example_args)
+    return compare(artifact.run(*example_args), ref, artifact.manifest.dtype, tolerance)
