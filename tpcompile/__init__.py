@@ -3,6 +3,8 @@
     import tpcompile
     art = tpcompile.compile(model, (x,), tp=2, plan={"fc1.*": "colwise", "fc2.weight": "rowwise"})
     y = art.run(x)
+
+Nothing imported here pulls in Hydra: worker processes import this package too.
 """
 from tpcompile.api import Artifact, Session, compile, load, verify
 

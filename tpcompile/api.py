@@ -9,7 +9,7 @@ from tpcompile.artifact import read_manifest
 from tpcompile.build import build
 from tpcompile.capture import capture
 from tpcompile.plan import load_rules
-from tpcompile.verify import VerifyReport, compare
+from tpcompile.compare import VerifyReport, compare
 from tpcompile.weights import module_source
 
 DEFAULT_OUT = Path("outputs/engines")
@@ -86,7 +86,7 @@ def compile(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: st
               "high": None} for i, a in enumerate(example_args)]
     path = build(gm, example_args, rules=load_rules(plan), tp=tp, backend=backend, source=module_source(model),
                  dtype=dtype, device=device, input_specs=specs, out_root=Path(out_dir or DEFAULT_OUT),
-                 key_parts={"weights": digest.hexdigest()}, log=lambda *_: None)
+                 key_parts={"weights": digest.hexdigest()}, trace_device="cpu", log=lambda *_: None)
     return Artifact(path)
 
 

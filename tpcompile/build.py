@@ -47,7 +47,7 @@ def preflight(gm: GraphModule, rules: list[Rule], tp: int, itemsize: int) -> Pre
 
 def build(gm: GraphModule, example_args: tuple, *, rules: list[Rule], tp: int, backend: str, source: Source,
           dtype: torch.dtype, device: str, input_specs: list[dict], out_root: Path, key_parts: dict,
-          log=print) -> Path:
+          trace_device: str = "meta", log=print) -> Path:
     lower, _ = get_backend(backend)
     key = cache_key({**key_parts, "graph": gm.code, "rules": [[r.match, r.style] for r in rules], "tp": tp,
                      "backend": backend, "dtype": str(dtype), "device": device, "inputs": input_specs})
@@ -58,7 +58,8 @@ def build(gm: GraphModule, example_args: tuple, *, rules: list[Rule], tp: int, b
     pre = preflight(gm, rules, tp, torch.finfo(dtype).bits // 8)
     plan = pre.partition.plan
     dtypes = {fqn: dtype if source(fqn).is_floating_point() else source(fqn).dtype for fqn in plan.shapes}
-    program = rank_program(pre.partition.gm, {f: plan.local_shape(f) for f in plan.shapes}, dtypes, example_args)
+    program = rank_program(pre.partition.gm, {f: plan.local_shape(f) for f in plan.shapes}, dtypes, example_args,
+                           trace_device)
     staging = staging_dir(Path(out_root), key)
     try:
         engine_files = lower(program, staging)

@@ -43,13 +43,15 @@ def capture(model: nn.Module, example_args: tuple) -> GraphModule:
 
 
 def rank_program(gm: GraphModule, local_shapes: dict[str, tuple], dtypes: dict[str, torch.dtype],
-                 example_args: tuple) -> ExportedProgram:
-    """Re-export the rewritten graph with meta weights of local shape: the rank-agnostic engine graph."""
+                 example_args: tuple, device: str = "meta") -> ExportedProgram:
+    """Re-export the rewritten graph with uninitialised weights of local shape: the rank-agnostic engine graph.
+    Meta for models built on meta; models that came with real weights may create tensors without a device
+    (torch.ones(T, T)), so they are traced with empty CPU tensors instead."""
     for fqn, shape in local_shapes.items():
-        _set_attr(gm, fqn, nn.Parameter(torch.empty(shape, dtype=dtypes[fqn], device="meta"), requires_grad=False))
-    meta_args = tuple(torch.empty(a.shape, dtype=a.dtype, device="meta") for a in example_args)
+        _set_attr(gm, fqn, nn.Parameter(torch.empty(shape, dtype=dtypes[fqn], device=device), requires_grad=False))
+    args = tuple(torch.empty(a.shape, dtype=a.dtype, device=device) for a in example_args)
     with torch.no_grad():
-        return torch.export.export(gm, meta_args)
+        return torch.export.export(gm, args)
 
 
 def _set_attr(root: nn.Module, fqn: str, value) -> None:
@@ -66,14 +68,14 @@ def _set_attr(root: nn.Module, fqn: str, value) -> None:
 
 
 def retarget_device(gm: GraphModule, device: str) -> int:
-    """Engines are traced on the meta device: point every `device=` argument at the runtime device and drop
-    the metadata asserts that name meta. Returns how many nodes changed."""
+    """Engines are traced on meta (or CPU): point every `device=` argument at the runtime device and drop
+    the metadata asserts that name the trace device. Returns how many nodes changed."""
     changed = 0
     for node in list(gm.graph.nodes):
         if node.target == torch.ops.aten._assert_tensor_metadata.default:
             gm.graph.erase_node(node)
             changed += 1
-        elif isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"].type == "meta":
+        elif isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != torch.device(device):
             node.kwargs = {**node.kwargs, "device": torch.device(device)}
             changed += 1
     gm.recompile()

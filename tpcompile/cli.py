@@ -132,7 +132,7 @@ def _run_on_workers(job, path, args):
 
 def cmd_run(job) -> dict:
     from tpcompile.capture import example_inputs
-    from tpcompile.verify import flat
+    from tpcompile.compare import flat
     path, model, specs, *_ = _build(job)
     args = example_inputs(specs, device="cpu", seed=job.input_seed)
     t0 = time.perf_counter()
@@ -149,7 +149,7 @@ def cmd_verify(job) -> dict:
     import torch
 
     from tpcompile.capture import example_inputs
-    from tpcompile.verify import compare
+    from tpcompile.compare import compare
     from tpcompile.weights import materialize
     path, model, specs, source, dtype = _build(job)
     args = example_inputs(specs, device="cpu", seed=job.input_seed)

@@ -4,7 +4,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -88,8 +87,6 @@ class JobConfig:
                                   f"lower tp or use runtime.device=cpu")
 
 
-TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
-
-
 def register() -> None:
+    from hydra.core.config_store import ConfigStore
     ConfigStore.instance().store(name="schema", node=JobConfig)

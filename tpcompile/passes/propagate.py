@@ -200,6 +200,31 @@ def _rule_linear(w: _Walk, node: Node):
     return R
 
 
+def _rule_matmul(w: _Walk, node: Node):
+    """x (..., m, k) @ y (..., k, n): batch dims cut alike stay cut; x cut on m or y cut on n stays cut;
+    both cut on k give a partial sum (each rank multiplies its slice of the contraction)."""
+    x, y = node.args[0], node.args[1]
+    px, py = w.pl(x), w.pl(y)
+    sx, sy, nd = shape_of(x), shape_of(y), len(shape_of(node))
+    if len(sx) < 2 or len(sy) < 2 or not (_sharded(px) or _sharded(py)):
+        if _sharded(px) or _sharded(py):
+            return _rule_fallback(w, node)
+        return R
+    if isinstance(px, Partial) or isinstance(py, Partial):
+        return _rule_fallback(w, node)
+    ox = None if not isinstance(px, Shard) else px.dim + nd - len(sx)   # x's cut dim in output coordinates
+    oy = None if not isinstance(py, Shard) else py.dim + nd - len(sy)
+    if ox is not None and oy is not None and px.dim == len(sx) - 1 and py.dim == len(sy) - 2 and px.ways == py.ways == w.tp:
+        return P                                                        # contraction dim cut on both sides
+    if ox is not None and oy is not None and ox == oy and ox < nd - 2 and px.ways == py.ways:
+        return Shard(ox, px.ways)                                       # same batch dim (heads)
+    if ox is not None and py == R and (ox == nd - 2 or (ox < nd - 2 and _broadcast_along(y, nd, ox))):
+        return Shard(ox, px.ways)
+    if oy is not None and px == R and (py.dim == len(sy) - 1 or (oy < nd - 2 and _broadcast_along(x, nd, oy))):
+        return Shard(nd - 1 if py.dim == len(sy) - 1 else oy, py.ways)
+    return _rule_fallback(w, node)
+
+
 def _rule_embedding(w: _Walk, node: Node):
     """embedding(W (V, C), ids): W S(1) -> out S(-1); W R -> out follows ids."""
     weight, ids = node.args[0], node.args[1]
@@ -438,6 +463,7 @@ RULES = {op: _rule_pointwise for op in POINTWISE}
 RULES.update({
     aten.linear.default: _rule_linear,                      # colwise -> S(-1); rowwise -> P(sum)
     aten.embedding.default: _rule_embedding,                # W S(1) -> S(-1)
+    aten.matmul.default: _rule_matmul, aten.bmm.default: _rule_matmul, aten.mm.default: _rule_matmul,
     aten.view.default: _rule_view,                          # [B,T,H*D] S(2) -> [B,T,H,D] S(2), H -> H/tp
     aten.reshape.default: _rule_view,
     aten._unsafe_view.default: _rule_view,

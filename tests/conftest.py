@@ -1,0 +1,25 @@
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from tpcompile.config import CONF_DIR, register
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tp workers share 2 cores in CI
+
+
+@pytest.fixture
+def job_config(tmp_path):
+    """compose(overrides) -> a validated JobConfig whose artifacts go to tmp_path."""
+    register()
+
+    def make(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[f"out_dir={tmp_path / 'engines'}", *overrides])
+        return OmegaConf.to_object(cfg)
+    return make
+
+
+REPO = Path(__file__).resolve().parents[1]

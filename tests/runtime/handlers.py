@@ -1,0 +1,44 @@
+"""Handler factories for tests/runtime: built inside worker processes by "tests.runtime.handlers:<name>"."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class ToyHandler:
+    """Ops that exercise collectives, the channel, and each way a rank can fail."""
+
+    def __init__(self, rank: int, world_size: int, device: str):
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def handle(self, op: str, payload: dict) -> dict:
+        if op == "sum":  # all_reduce(x + rank) == world_size * x + sum(range(world_size))
+            y = payload["x"].to(self.device) + self.rank
+            dist.all_reduce(y)
+            return {"y": y, "rank": self.rank}
+        if op == "echo":  # the payload back, untouched, to test the channel both ways
+            return {"echo": payload, "rank": self.rank}
+        if op == "raise":
+            if self.rank == payload["rank"]:
+                raise ValueError(f"bad input on purpose at rank {self.rank}")
+            return {}
+        if op == "stall":  # one rank sleeps; the others wait for it in a collective
+            if self.rank == payload["rank"]:
+                time.sleep(3600)
+            dist.all_reduce(torch.ones(1))
+            return {}
+        if op == "sleep":  # one rank never answers; no collective involved
+            if self.rank == payload["rank"]:
+                time.sleep(3600)
+            return {}
+        if op == "modules":  # which top-level packages this worker process has imported
+            return {"modules": sorted({name.split(".")[0] for name in sys.modules})}
+        raise KeyError(f"ToyHandler has no op {op!r}")
+
+
+def make_toy(*, rank: int, world_size: int, device: str) -> ToyHandler:
+    return ToyHandler(rank, world_size, device)

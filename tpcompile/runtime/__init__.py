@@ -1,0 +1,1 @@
+"""Run time: launcher.py starts tp worker processes (worker.py) that talk to it over channel.py."""
