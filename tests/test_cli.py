@@ -1,0 +1,56 @@
+"""The CLI as users run it: subprocesses, Hydra overrides, multirun, one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def tpcompile(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tpcompile.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_multirun_writes_one_record_per_job(tmp_path):
+    r = tpcompile("verify", "-m", "tp=1,2", f"out_dir={tmp_path}/engines", f"hydra.sweep.dir={tmp_path}/sweep",
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads((tmp_path / "sweep" / str(i) / "verify.json").read_text()) for i in (0, 1)]
+    assert [rec["tp"] for rec in records] == [1, 2]
+    assert all(rec["ok"] and rec["max_rel_err"] <= 1e-5 for rec in records)
+    assert all(rec["torch"] and rec["date"] and rec["commit"] for rec in records)
+
+
+def test_inspect_prints_the_plan_and_writes_no_weights(tmp_path):
+    r = tpcompile("inspect", "tp=4", f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "layers.0.attn.wk.weight" in r.stdout and "S(0)/2" in r.stdout  # kv heads replicated at tp=4
+    assert "insert_collectives: 4" in r.stdout
+    assert not (tmp_path / "engines").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tp=3"], "dim 0 of size 64 is not divisible by tp=3"),
+    (["tp=0"], "tp=0: the tensor-parallel degree must be >= 1"),
+    (["dtype=float8"], "dtype='float8': use one of"),
+    (["+plan.rules=[{match: nope, style: colwise}]", "plan=replicate"], "'nope' -> colwise matches no parameter"),
+    (["runtime.device=tpu"], "runtime.device='tpu': use one of"),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, overrides, message):
+    r = tpcompile("verify", *overrides, f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
+
+
+def test_unknown_model_names_the_choices(tmp_path):
+    r = tpcompile("compile", "model=nope", cwd=tmp_path)
+    assert r.returncode != 0 and "llama_tiny" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = tpcompile("verify", "tp=3", "--debug", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" in r.stderr
