@@ -37,16 +37,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+class KVCache(nn.Module):
+    """Static cache (B, KV, S, D) per layer, written in place at the token positions."""
+
+    def __init__(self, max_batch: int, max_seq: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, input_pos, k)  # (B, KV, S, D)[:, :, input_pos] = k
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
+                 qkv_bias: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
-        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)  # qkv_bias: Qwen2
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -54,7 +72,11 @@ class Attention(nn.Module):
         cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
+        if self.cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
+        else:
+            k, v = self.cache.update(input_pos, k, v)  # (B, KV, S, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -70,38 +92,65 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, n_heads, n_kv_heads, head_dim, ffn_dim, rope_theta, norm_eps):
+    def __init__(self, dim, n_heads, n_kv_heads, head_dim, ffn_dim, rope_theta, norm_eps, qkv_bias=False):
         super().__init__()
         self.attn_norm = RMSNorm(dim, norm_eps)
-        self.attn = Attention(dim, n_heads, n_kv_heads, head_dim, rope_theta)
+        self.attn = Attention(dim, n_heads, n_kv_heads, head_dim, rope_theta, qkv_bias)
         self.mlp_norm = RMSNorm(dim, norm_eps)
         self.mlp = FeedForward(dim, ffn_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, input_pos=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, input_pos, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Llama(nn.Module):
-    """input_ids (B, T) int64 -> logits (B, T, vocab)."""
+    """input_ids (B, T) int64 -> logits (B, T, vocab).
+
+    After setup_cache(max_batch, max_seq): forward(input_ids (B, T), input_pos (T,), pad (B,)) writes the T
+    tokens at cache positions input_pos and returns the logits of the last one (B, vocab). Prompts are
+    left-padded: row b's first pad[b] cache positions are padding, masked out; its RoPE positions start at 0.
+    """
 
     def __init__(self, vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int,
                  ffn_dim: int, head_dim: int | None = None, rope_theta: float = 10000.0,
-                 norm_eps: float = 1e-5, tie_embeddings: bool = False):
+                 norm_eps: float = 1e-5, tie_embeddings: bool = False, qkv_bias: bool = False):
         super().__init__()
         head_dim = head_dim or dim // n_heads
         self.embed = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(
-            Block(dim, n_heads, n_kv_heads, head_dim, ffn_dim, rope_theta, norm_eps) for _ in range(n_layers))
+            Block(dim, n_heads, n_kv_heads, head_dim, ffn_dim, rope_theta, norm_eps, qkv_bias) for _ in range(n_layers))
         self.norm = RMSNorm(dim, norm_eps)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.max_seq = 0
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def setup_cache(self, max_batch: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
+        dtype = dtype or self.embed.weight.dtype
+        for layer in self.layers:
+            a = layer.attn
+            a.cache = KVCache(max_batch, max_seq, a.n_kv_heads, a.head_dim, dtype)
+        self.max_seq = max_seq
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        if input_pos is not None:
+            return self._forward_cached(input_ids, input_pos, pad)
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)  # (B, T, C)
         for layer in self.layers:
             x = layer(x, positions)
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def _forward_cached(self, input_ids, input_pos, pad):
+        positions = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) RoPE positions
+        kpos = torch.arange(self.max_seq, device=input_ids.device)
+        q_pos, k_pos = input_pos[None, :, None], kpos[None, None, :]
+        # a query sees earlier non-pad keys; a pad query sees itself only (no empty rows -> no NaN)
+        mask = (k_pos <= q_pos) & ((k_pos >= pad[:, None, None]) | (k_pos == q_pos))  # (B, T, S)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, input_pos, mask[:, None])
+        return self.lm_head(self.norm(x[:, -1]))  # (B, V)

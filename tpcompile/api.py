@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tpcompile.artifact import read_manifest
-from tpcompile.build import build
+from tpcompile.build import GraphSpec, build
 from tpcompile.capture import capture
 from tpcompile.plan import load_rules
 from tpcompile.compare import VerifyReport, compare
@@ -30,8 +30,12 @@ class Artifact:
         m = self.manifest
         return f"Artifact({str(self.path)!r}, tp={m.tp}, backend={m.backend!r}, dtype={m.dtype})"
 
-    def session(self, *, start_timeout_s: float = 120.0, call_timeout_s: float = 600.0, log_dir=None) -> "Session":
-        return Session(self, start_timeout_s=start_timeout_s, call_timeout_s=call_timeout_s, log_dir=log_dir)
+    def session(self, *, start_timeout_s: float = 120.0, call_timeout_s: float = 600.0, log_dir=None,
+                max_restarts: int = 0, heartbeat_timeout_s: float = 10.0) -> "Session":
+        """max_restarts: after a rank dies or hangs, start the whole group again (at most this many times in
+        the session's life) and retry the request in flight once (runtime/restart.py)."""
+        return Session(self, start_timeout_s=start_timeout_s, call_timeout_s=call_timeout_s, log_dir=log_dir,
+                       max_restarts=max_restarts, heartbeat_timeout_s=heartbeat_timeout_s)
 
     def run(self, *args: torch.Tensor):
         """Start tp local workers, run once, stop them; rank 0's outputs as CPU tensors."""
@@ -47,14 +51,31 @@ class Session:
 
     def __enter__(self) -> "Session":
         from tpcompile.runtime.launcher import WorkerGroup
+        from tpcompile.runtime.restart import RestartingGroup
         m = self.artifact.manifest
-        self.group = WorkerGroup(tp=m.tp, handler="tpcompile.runtime.engine:make",
-                                 handler_args={"artifact": str(self.artifact.path.resolve())},
-                                 device=m.device, **self.options)
+        options = dict(self.options)
+        max_restarts = options.pop("max_restarts", 0)
+
+        def make_group():
+            return WorkerGroup(tp=m.tp, handler="tpcompile.runtime.engine:make",
+                               handler_args={"artifact": str(self.artifact.path.resolve())},
+                               device=m.device, **options)
+        self.group = RestartingGroup(make_group, max_restarts=max_restarts)
         self.group.start()
         return self
 
+    def health(self, timeout_s: float = 30.0) -> list[dict]:
+        """Per rank: alive, status, pid, RSS, CUDA memory on GPU, the artifact it serves (launcher.health)."""
+        return self.group.health(timeout_s=timeout_s)
+
     def __call__(self, *args: torch.Tensor):
+        from tpcompile.runtime.engine import check_inputs
+        bad = [f"{i}: {type(a).__name__}" for i, a in enumerate(args) if not isinstance(a, torch.Tensor)]
+        if bad:
+            raise TypeError(f"inputs must be torch.Tensor, got {bad}; convert them with torch.as_tensor")
+        forward = self.artifact.manifest.graphs.get("forward")
+        if forward is not None:  # checked here too, so a bad input leaves the workers running
+            check_inputs(forward["inputs"], args)
         replies = self.group.call("run", {"args": [a.detach().cpu().contiguous() for a in args]})
         outputs = replies[0]["outputs"]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -84,8 +105,8 @@ def compile(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: st
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     specs = [{"name": f"arg{i}", "shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch."),
               "high": None} for i, a in enumerate(example_args)]
-    path = build(gm, example_args, rules=load_rules(plan), tp=tp, backend=backend, source=module_source(model),
-                 dtype=dtype, device=device, input_specs=specs, out_root=Path(out_dir or DEFAULT_OUT),
+    path = build({"forward": GraphSpec(gm, example_args, specs)}, rules=load_rules(plan), tp=tp, backend=backend,
+                 source=module_source(model), dtype=dtype, device=device, out_root=Path(out_dir or DEFAULT_OUT),
                  key_parts={"weights": digest.hexdigest()}, trace_device="cpu", log=lambda *_: None)
     return Artifact(path)
 

@@ -38,11 +38,12 @@ class Manifest:
     dtype: str
     device: str                 # "cpu" or "cuda": where the engine runs
     pg_name: str                # process-group name baked into the collectives
-    graph_hash: str             # the rank graph's code
+    graph_hash: str             # the rank graphs' code
     plan_hash: str
-    inputs: list                # [{name, shape, dtype, high}]
+    graphs: dict                # graph name ("forward", or "prefill" + "decode") -> {files, inputs}
     params: dict                # fqn -> {style, placement, global, local}
-    engine_files: list
+    state: dict = field(default_factory=dict)       # fqn -> {shape (local), dtype}: zeros at load (KV cache)
+    generation: dict | None = None                  # max_batch, max_seq, prefill_chunk, vocab_size, ...
     files: dict = field(default_factory=dict)  # file name -> sha256
     changes: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -53,6 +54,10 @@ class Manifest:
 
     def rank_file(self, rank: int) -> str:
         return f"rank{rank}.safetensors"
+
+    @property
+    def engine_files(self) -> list[str]:
+        return [f for g in self.graphs.values() for f in g["files"]]
 
 
 def cache_key(parts: dict) -> str:

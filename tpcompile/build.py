@@ -45,32 +45,56 @@ def preflight(gm: GraphModule, rules: list[Rule], tp: int, itemsize: int) -> Pre
     return Preflight(part, plan_table(plan, itemsize), time.perf_counter() - start)
 
 
-def build(gm: GraphModule, example_args: tuple, *, rules: list[Rule], tp: int, backend: str, source: Source,
-          dtype: torch.dtype, device: str, input_specs: list[dict], out_root: Path, key_parts: dict,
-          trace_device: str = "meta", log=print) -> Path:
+@dataclass
+class GraphSpec:
+    """One graph of an artifact: its captured module, example inputs and their specs."""
+    gm: GraphModule
+    example_args: tuple
+    input_specs: list[dict]
+
+
+def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: str, source: Source,
+          dtype: torch.dtype, device: str, out_root: Path, key_parts: dict, trace_device: str = "meta",
+          generation: dict | None = None, log=print) -> Path:
+    """Compile every graph with the same plan into one artifact: weights are written once, state buffers
+    (KV caches) are recorded and made at load, so prefill and decode share both."""
     lower, _ = get_backend(backend)
-    key = cache_key({**key_parts, "graph": gm.code, "rules": [[r.match, r.style] for r in rules], "tp": tp,
-                     "backend": backend, "dtype": str(dtype), "device": device, "inputs": input_specs})
+    key = cache_key({**key_parts, "graphs": {n: [g.gm.code, g.input_specs] for n, g in graphs.items()},
+                     "rules": [[r.match, r.style] for r in rules], "tp": tp, "backend": backend,
+                     "dtype": str(dtype), "device": device, "generation": generation})
     final = Path(out_root) / key
     if (final / MANIFEST).is_file():
         log(f"artifact {final} exists: reusing it")
         return final
-    pre = preflight(gm, rules, tp, torch.finfo(dtype).bits // 8)
-    plan = pre.partition.plan
-    dtypes = {fqn: dtype if source(fqn).is_floating_point() else source(fqn).dtype for fqn in plan.shapes}
-    program = rank_program(pre.partition.gm, {f: plan.local_shape(f) for f in plan.shapes}, dtypes, example_args,
-                           trace_device)
+    itemsize = torch.finfo(dtype).bits // 8
+    pres = {name: preflight(g.gm, rules, tp, itemsize) for name, g in graphs.items()}
+    plan = next(iter(pres.values())).partition.plan
+    for name, pre in pres.items():
+        if pre.partition.plan.placements != plan.placements:
+            raise ValueError(f"graph {name!r} places its parameters differently from the others; "
+                             f"the graphs of one artifact must share their weights")
+    state = [f for f, s in plan.styles.items() if s == "state"]
+    weights = [f for f in plan.shapes if f not in state]
+    dtypes = {f: dtype if source(f).is_floating_point() else source(f).dtype for f in weights}
+    dtypes.update({f: dtype for f in state})
+    local_shapes = {f: plan.local_shape(f) for f in plan.shapes}
     staging = staging_dir(Path(out_root), key)
     try:
-        engine_files = lower(program, staging)
-        _write_rank_weights(staging, plan, source, dtypes, tp)
-        (staging / "report.txt").write_text(pre.report() + "\n")
+        entries, codes = {}, []
+        for name, g in graphs.items():
+            program = rank_program(pres[name].partition.gm, local_shapes, dtypes, g.example_args, trace_device)
+            codes.append(program.graph_module.code)
+            entries[name] = {"files": lower(program, staging, name), "inputs": g.input_specs}
+        _write_rank_weights(staging, plan, weights, source, dtypes, tp)
+        (staging / "report.txt").write_text("\n\n".join(f"== {n} ==\n{p.report()}" for n, p in pres.items()) + "\n")
         params = {f: {"style": plan.styles[f], "placement": str(plan.placements[f]),
-                      "global": list(plan.shapes[f]), "local": list(plan.local_shape(f))} for f in plan.shapes}
+                      "global": list(plan.shapes[f]), "local": list(local_shapes[f])} for f in plan.shapes}
         manifest = Manifest(key=key, tp=tp, backend=backend, dtype=str(dtype).removeprefix("torch."), device=device,
-                            pg_name=GROUP_NAME, graph_hash=cache_key({"code": program.graph_module.code}),
-                            plan_hash=plan.digest(), inputs=input_specs, params=params,
-                            engine_files=engine_files, changes=_jsonable(pre.partition.changes))
+                            pg_name=GROUP_NAME, graph_hash=cache_key({"code": codes}), plan_hash=plan.digest(),
+                            graphs=entries, params=params, generation=generation,
+                            state={f: {"shape": list(local_shapes[f]), "dtype": str(dtype).removeprefix("torch.")}
+                                   for f in state},
+                            changes=_jsonable({n: p.partition.changes for n, p in pres.items()}))
         return publish(staging, manifest, final)
     except BaseException:
         import shutil
@@ -78,10 +102,10 @@ def build(gm: GraphModule, example_args: tuple, *, rules: list[Rule], tp: int, b
         raise
 
 
-def _write_rank_weights(out: Path, plan, source: Source, dtypes: dict, tp: int) -> None:
+def _write_rank_weights(out: Path, plan, fqns: list[str], source: Source, dtypes: dict, tp: int) -> None:
     """Each global tensor is made (or read) once and cut for every rank; rank r's file holds only its parts."""
     per_rank = [{} for _ in range(tp)]
-    for fqn in plan.shapes:
+    for fqn in fqns:
         t = source(fqn).to(dtypes[fqn])
         for r in range(tp):
             per_rank[r][fqn] = shard_tensor(t, plan.placements[fqn], r, tp)

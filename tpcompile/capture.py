@@ -48,19 +48,20 @@ def rank_program(gm: GraphModule, local_shapes: dict[str, tuple], dtypes: dict[s
     Meta for models built on meta; models that came with real weights may create tensors without a device
     (torch.ones(T, T)), so they are traced with empty CPU tensors instead."""
     for fqn, shape in local_shapes.items():
-        _set_attr(gm, fqn, nn.Parameter(torch.empty(shape, dtype=dtypes[fqn], device=device), requires_grad=False))
+        set_tensor(gm, fqn, torch.empty(shape, dtype=dtypes[fqn], device=device))
     args = tuple(torch.empty(a.shape, dtype=a.dtype, device=device) for a in example_args)
     with torch.no_grad():
         return torch.export.export(gm, args)
 
 
-def _set_attr(root: nn.Module, fqn: str, value) -> None:
+def set_tensor(root: nn.Module, fqn: str, value: torch.Tensor) -> None:
+    """Put `value` at `fqn` as the parameter or buffer that is there (no copy, no grad)."""
     *path, name = fqn.split(".")
     mod = root
     for p in path:
         mod = getattr(mod, p)
     if name in mod._parameters:
-        mod._parameters[name] = value
+        mod._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
     elif name in mod._buffers:
         mod._buffers[name] = value.data
     else:

@@ -105,12 +105,12 @@ def _prepare(job):
 
 
 def _build(job):
-    from tpcompile.build import build
+    from tpcompile.build import GraphSpec, build
     from tpcompile.plan import load_rules
     model, gm, specs, meta_args, source, dtype = _prepare(job)
     rules = load_rules([{"match": r.match, "style": r.style} for r in job.plan.rules])
-    path = build(gm, meta_args, rules=rules, tp=job.tp, backend=job.backend.name, source=source, dtype=dtype,
-                 device=job.runtime.device, input_specs=specs, out_root=Path(job.out_dir),
+    path = build({"forward": GraphSpec(gm, meta_args, specs)}, rules=rules, tp=job.tp, backend=job.backend.name,
+                 source=source, dtype=dtype, device=job.runtime.device, out_root=Path(job.out_dir),
                  key_parts={"model": job.model.graph, "seed": job.model.seed})
     return path, model, specs, source, dtype
 

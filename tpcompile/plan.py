@@ -38,7 +38,7 @@ class Rule:
 class ShardPlan:
     tp: int
     rules: list[Rule]
-    styles: dict[str, str]            # fqn -> style (unmatched parameters: replicate)
+    styles: dict[str, str]            # fqn -> style (unmatched parameters: replicate; written buffers: state)
     placements: dict[str, Placement]  # fqn -> placement of the global tensor
     shapes: dict[str, tuple]          # fqn -> global shape
 
@@ -97,6 +97,11 @@ def make_plan(gm: GraphModule, rules: list[Rule], tp: int) -> ShardPlan:
                                 f"and {rule.match!r} -> {rule.style}; make the patterns disjoint")
             owner[fqn], styles[fqn] = rule, rule.style
     placements, shapes = {}, {}
+    for fqn in state_buffers(gm):
+        if fqn in styles:
+            raise PlanError(f"buffer {fqn} is written by the model (state such as a KV cache) and is placed by what "
+                            f"is written into it; remove rule {owner[fqn].match!r} for it")
+        styles[fqn] = "state"
     for fqn, node in params.items():
         shape = tuple(node.meta["val"].shape)
         style = styles.setdefault(fqn, "replicate")
@@ -108,8 +113,23 @@ def make_plan(gm: GraphModule, rules: list[Rule], tp: int) -> ShardPlan:
     return ShardPlan(tp, rules, styles, placements, shapes)
 
 
+def state_buffers(gm: GraphModule) -> list[str]:
+    """Tensors the graph writes in place (arg 0 of an op whose schema marks it written): model state."""
+    found = []
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not node.args:
+            continue
+        first = schema.arguments[0] if schema.arguments else None
+        target = node.args[0]
+        if first is not None and first.alias_info is not None and first.alias_info.is_write \
+                and isinstance(target, Node) and target.op == "get_attr" and target.target not in found:
+            found.append(target.target)
+    return found
+
+
 def placement_for(node: Node, style: str, tp: int) -> Placement:
-    if style == "replicate" or tp == 1:
+    if style in ("replicate", "state") or tp == 1:
         return R
     ndim = node.meta["val"].dim()
     for user in node.users:

@@ -4,26 +4,26 @@ from pathlib import Path
 import torch
 from torch.export import ExportedProgram
 
-from tpcompile.capture import retarget_device
-
-ENGINE = "engine.pt2"
+from tpcompile.capture import retarget_device, set_tensor
 
 
-def lower(program: ExportedProgram, out_dir: Path) -> list[str]:
-    torch.export.save(program, out_dir / ENGINE)
-    return [ENGINE]
+def lower(program: ExportedProgram, out_dir: Path, name: str = "engine") -> list[str]:
+    torch.export.save(program, out_dir / f"{name}.pt2")
+    return [f"{name}.pt2"]
 
 
 def load(out_dir: Path, files: list[str], weights: dict, device) -> torch.nn.Module:
-    return bind(out_dir / ENGINE, weights, device)
+    return bind(out_dir / files[0], weights, device)
 
 
 def bind(path: Path, weights: dict, device) -> torch.nn.Module:
-    """The saved rank graph as a module holding this rank's weights on `device`."""
+    """The saved rank graph as a module holding this rank's tensors on `device`. The same tensor objects
+    may be bound into several graphs (prefill and decode share weights and the KV cache)."""
     gm = torch.export.load(path).module()
     retarget_device(gm, str(device))
-    missing = sorted(set(gm.state_dict()) - set(weights))
+    for fqn, t in weights.items():
+        set_tensor(gm, fqn, t)
+    missing = [n for n, t in list(gm.named_parameters()) + list(gm.named_buffers()) if t.device.type == "meta"]
     if missing:
-        raise ValueError(f"{path}: weights missing for {missing[:3]} ({len(missing)} in all); recompile the artifact")
-    gm.load_state_dict(weights, strict=False, assign=True)
+        raise ValueError(f"{path}: no tensor for {missing[:3]} ({len(missing)} in all); recompile the artifact")
     return gm

@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 from torch.fx import GraphModule
 
 from tpcompile.passes.insert_collectives import insert_collectives
-from tpcompile.passes.propagate import NeedFewerWays, Propagation, ShardingError, propagate_placements
+from tpcompile.passes.propagate import (NeedFewerWays, NeedPlacement, Propagation, ShardingError,
+                                        propagate_placements)
 from tpcompile.passes.rewrite_shapes import rewrite_shapes
 from tpcompile.passes.split_rowwise_bias import split_rowwise_bias
 from tpcompile.plan import ShardPlan, with_fewer_ways
@@ -23,11 +24,15 @@ class Partition:
 def partition(gm: GraphModule, plan: ShardPlan, group_name: str) -> Partition:
     """Rewrite `gm` in place into the graph every rank runs."""
     changes = {"split_rowwise_bias": split_rowwise_bias(gm, {f for f, s in plan.styles.items() if s == "rowwise"})}
-    replicated_kv = []
-    for _ in range(len(plan.placements) + 1):
+    replicated_kv, state = [], []
+    state_fqns = {f for f, s in plan.styles.items() if s == "state"}
+    for _ in range(2 * len(plan.placements) + 1):
         try:
-            prop = propagate_placements(gm, plan.placements, plan.tp)
+            prop = propagate_placements(gm, plan.placements, plan.tp, state_fqns)
             break
+        except NeedPlacement as e:
+            plan.placements[e.fqn] = e.placement
+            state.append((e.fqn, str(e.placement)))
         except NeedFewerWays as e:
             fqns = e.origins
             if not fqns:
@@ -35,6 +40,7 @@ def partition(gm: GraphModule, plan: ShardPlan, group_name: str) -> Partition:
             with_fewer_ways(plan, fqns, e.size)
             replicated_kv.append((e.node.name, sorted(fqns), e.size))
     changes["replicate_kv_heads"] = replicated_kv
+    changes["place_state"] = state
     changes["propagate_placements"] = {
         "sharded_values": sum(1 for p in prop.placements.values() if str(p) != "R"),
         "fallbacks": [n.name for n in prop.fallbacks]}

@@ -26,6 +26,13 @@ class ShardingError(ValueError):
     """A plan the graph cannot honour; the message names the node, the sizes and tp."""
 
 
+class NeedPlacement(Exception):
+    """A state buffer (e.g. a KV cache) is written with a sharded value: it must be cut the same way."""
+
+    def __init__(self, fqn: str, placement: Placement):
+        self.fqn, self.placement = fqn, placement
+
+
 class NeedFewerWays(Exception):
     """A head dimension has fewer heads than ways: the parameters it comes from must be cut by head."""
 
@@ -50,8 +57,8 @@ def shape_of(node) -> tuple[int, ...] | None:
 class _Walk:
     """State of one propagation; the rules below read and write it."""
 
-    def __init__(self, gm: GraphModule, param_placements: dict[str, Placement], tp: int):
-        self.gm, self.tp = gm, tp
+    def __init__(self, gm: GraphModule, param_placements: dict[str, Placement], tp: int, state: set[str]):
+        self.gm, self.tp, self.state = gm, tp, state
         self.param_placements = param_placements
         self.out = Propagation()
 
@@ -78,8 +85,11 @@ class _Walk:
         return set().union(*(self.out.origins.get(a, set()) for a in args if isinstance(a, Node)))
 
 
-def propagate_placements(gm: GraphModule, param_placements: dict[str, Placement], tp: int) -> Propagation:
-    w = _Walk(gm, param_placements, tp)
+def propagate_placements(gm: GraphModule, param_placements: dict[str, Placement], tp: int,
+                         state: set[str] = frozenset()) -> Propagation:
+    """state: fqns of buffers the graph writes in place and no rule placed; their placement follows the
+    values written into them (NeedPlacement asks the caller to set it and walk again)."""
+    w = _Walk(gm, param_placements, tp, state)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             pl = param_placements.get(node.target, R)
@@ -438,6 +448,34 @@ def _rule_cat(w: _Walk, node: Node):
     return R
 
 
+def _rule_select(w: _Walk, node: Node):
+    x, dim = node.args[0], node.args[1] % len(shape_of(node.args[0]))
+    px = w.pl(x)
+    if isinstance(px, Shard) and px.dim == dim:
+        w.out.fallbacks.append(node)
+        return w.require(node, x, R)
+    return _map_dim(px, lambda d: d - 1 if d > dim else d)
+
+
+def _rule_index_copy(w: _Walk, node: Node):
+    """self.index_copy_(dim, index, source): self and source are cut alike (not along `dim`).
+    A state buffer that no rule placed takes the placement of what is written into it (the KV cache
+    follows the k/v heads)."""
+    target, dim, index, source = node.args[:4]
+    pt, ps = w.pl(target), w.pl(source)
+    dim %= len(shape_of(target))
+    if isinstance(ps, Partial):
+        ps = w.require(node, source, R)
+    if pt != ps and target.op == "get_attr" and target.target in w.state and isinstance(pt, Replicate):
+        raise NeedPlacement(target.target, ps)
+    if isinstance(ps, Shard) and ps.dim == dim:
+        raise ShardingError(f"{node.format_node()}: cannot write along the cut dim {dim}")
+    if pt != ps:
+        raise ShardingError(f"{node.format_node()}: writes a {ps} value into {target.name}, which is {pt}; "
+                            f"give both the same style")
+    return pt
+
+
 def _rule_passthrough(w: _Walk, node: Node):
     return w.pl(node.args[0])
 
@@ -457,6 +495,9 @@ POINTWISE = [
     aten.contiguous.default, aten.dropout.default, aten.alias.default, aten.detach.default,
     aten.lt.Scalar, aten.gt.Scalar, aten.eq.Scalar, aten.ge.Scalar, aten.le.Scalar, aten.ne.Scalar,
     aten.minimum.default, aten.maximum.default, aten.erf.default, aten.tril.default, aten.triu.default,
+    aten.__and__.Tensor, aten.__or__.Tensor, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
+    aten.logical_and.default, aten.logical_or.default, aten.logical_not.default, aten.eq.Tensor, aten.ne.Tensor,
+    aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor, aten.clamp_min.default, aten.clamp_max.default,
 ]
 
 RULES = {op: _rule_pointwise for op in POINTWISE}
@@ -481,5 +522,7 @@ RULES.update({
     aten.split.Tensor: _rule_split, aten.chunk.default: _rule_split, aten.split_with_sizes.default: _rule_split,
     aten.slice.Tensor: _rule_slice,
     aten.cat.default: _rule_cat,
+    aten.select.int: _rule_select,
+    aten.index_copy_.default: _rule_index_copy, aten.index_copy.default: _rule_index_copy,
     aten._assert_tensor_metadata.default: _rule_no_output,
 })

@@ -17,14 +17,19 @@ class RankEngine:
         self.device = torch.device(device)
         check_compatible(m, self.path, world_size=world_size, device=self.device.type)
         check_files(m, self.path, m.engine_files + [m.rank_file(rank)])
-        weights = load_file(self.path / m.rank_file(rank), device=str(self.device))
+        tensors = load_file(self.path / m.rank_file(rank), device=str(self.device))
+        for fqn, spec in m.state.items():  # KV caches: zeros, one tensor shared by every graph
+            tensors[fqn] = torch.zeros(spec["shape"], dtype=dtype_of(spec["dtype"]), device=self.device)
         _, load = backend(m.backend)
-        self.module = load(self.path, m.engine_files, weights, self.device)
+        self.graphs = {name: load(self.path, g["files"], tensors, self.device) for name, g in m.graphs.items()}
 
-    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
-        check_inputs(self.manifest.inputs, args)
+    def __call__(self, *args: torch.Tensor, graph: str = "forward") -> list[torch.Tensor]:
+        if graph not in self.graphs:
+            raise ValueError(f"{self.path}: has graphs {sorted(self.graphs)}, not {graph!r}; compile it with "
+                             f"`tpcompile compile` for forward or `tpcompile generate` for prefill/decode")
+        check_inputs(self.manifest.graphs[graph]["inputs"], args)
         with torch.no_grad():
-            out = self.module(*(a.to(self.device) for a in args))
+            out = self.graphs[graph](*(a.to(self.device) for a in args))
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
     def handle(self, op: str, payload: dict) -> dict:
