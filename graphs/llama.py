@@ -63,14 +63,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, input_pos: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2)
+        cos, sin = rope  # (B, 1, T, D/2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
@@ -99,8 +98,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(dim, norm_eps)
         self.mlp = FeedForward(dim, ffn_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, input_pos=None, mask=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, input_pos, mask)
+    def forward(self, x: torch.Tensor, rope, input_pos=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, input_pos, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -140,8 +139,9 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)  # (B, T, C)
+        rope = self._rope(positions)
         for layer in self.layers:
-            x = layer(x, positions)
+            x = layer(x, rope)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     def _forward_cached(self, input_ids, input_pos, pad):
@@ -151,6 +151,13 @@ class Llama(nn.Module):
         # a query sees earlier non-pad keys; a pad query sees itself only (no empty rows -> no NaN)
         mask = (k_pos <= q_pos) & ((k_pos >= pad[:, None, None]) | (k_pos == q_pos))  # (B, T, S)
         x = self.embed(input_ids)
+        rope = self._rope(positions)
         for layer in self.layers:
-            x = layer(x, positions, input_pos, mask[:, None])
+            x = layer(x, rope, input_pos, mask[:, None])
         return self.lm_head(self.norm(x[:, -1]))  # (B, V)
+
+    def _rope(self, positions):
+        """cos/sin (B, 1, T, D/2), computed once per forward and shared by every layer."""
+        a = self.layers[0].attn
+        cos, sin = rope_tables(positions, a.head_dim, a.rope_theta)
+        return cos[:, None], sin[:, None]

@@ -6,6 +6,6 @@
 
 Nothing imported here pulls in Hydra: worker processes import this package too.
 """
-from tpcompile.api import Artifact, Session, compile, load, verify
+from tpcompile.api import Artifact, Session, compile, compile_pretrained, load, verify
 
-__all__ = ["Artifact", "Session", "compile", "load", "verify"]
+__all__ = ["Artifact", "Session", "compile", "compile_pretrained", "load", "verify"]

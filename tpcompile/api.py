@@ -42,6 +42,12 @@ class Artifact:
         with self.session() as session:
             return session(*args)
 
+    def generate(self, prompt_token_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 **options) -> list[list[int]]:
+        """New tokens for each prompt (see Session.generate), on workers started for this call."""
+        with self.session() as session:
+            return session.generate(prompt_token_ids, max_new_tokens, temperature, **options)
+
 
 class Session:
     """Workers kept alive between calls: `with artifact.session() as s: y = s(x)`."""
@@ -80,6 +86,37 @@ class Session:
         outputs = replies[0]["outputs"]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
+    def generate(self, prompt_token_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
+                 on_tokens=None, step_tokens: int = 1, return_logits: bool = False):
+        """Generate up to max_new_tokens for each prompt; a row stops after eos_token_id. on_tokens(step) is
+        called with each step's new token per row as they arrive. Returns the new tokens per prompt (and the
+        logits of every step, (steps, rows, vocab), with return_logits=True)."""
+        from tpcompile.runtime.generate import check_request
+        spec = self.artifact.manifest.generation
+        if not spec:
+            raise ValueError(f"{self.artifact.path}: compiled without a KV cache; build it with `tpcompile generate`")
+        prompts = [list(map(int, p)) for p in prompt_token_ids]
+        check_request(spec, prompts, max_new_tokens)  # refuse here: a failed request ends the worker group
+        reply = self.group.call("generate_start", {
+            "prompts": prompts, "max_new_tokens": max_new_tokens, "temperature": float(temperature),
+            "top_k": int(top_k), "top_p": float(top_p), "seed": int(seed), "return_logits": return_logits})[0]
+        out, logits = [[] for _ in prompts], []
+        finished = [False] * len(prompts)
+        while True:
+            for step in reply["tokens"]:
+                for row, token in enumerate(step):
+                    if not finished[row]:
+                        out[row].append(token)
+                        finished[row] = token == eos_token_id
+                if on_tokens:
+                    on_tokens(step)
+            logits.extend(reply.get("logits", []))
+            if reply["done"] or all(finished):
+                break
+            reply = self.group.call("generate_step", {"n": step_tokens})[0]
+        return (out, torch.stack(logits)) if return_logits else out
+
     def __exit__(self, *exc) -> None:
         if self.group is not None:
             self.group.close()
@@ -109,6 +146,33 @@ def compile(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: st
                  source=module_source(model), dtype=dtype, device=device, out_root=Path(out_dir or DEFAULT_OUT),
                  key_parts={"weights": digest.hexdigest()}, trace_device="cpu", log=lambda *_: None)
     return Artifact(path)
+
+
+
+def compile_pretrained(path, *, tp: int, plan="megatron", backend: str = "eager", dtype: torch.dtype | None = None,
+                       input_shape: tuple[int, int] = (1, 32), out_dir=None, device: str = "cpu") -> Artifact:
+    """Compile a Hugging Face checkpoint directory (config.json + safetensors, one file or indexed): the graph
+    named by conf/checkpoint/*.yaml is built with its sizes, every tensor is checked against the file headers,
+    then streamed once into per-rank files. dtype: the checkpoint's when None. input_shape: (batch, tokens)."""
+    return Artifact(build_pretrained(path, tp=tp, rules=load_rules(plan), backend=backend, dtype=dtype,
+                                     input_shape=input_shape, out_root=Path(out_dir or DEFAULT_OUT), device=device,
+                                     log=lambda *_: None)[0])
+
+
+def build_pretrained(path, *, tp, rules, backend, dtype, input_shape, out_root, device, log=print):
+    """-> (artifact path, Pretrained, meta model, input specs); shared by compile_pretrained and the CLI."""
+    from tpcompile.checkpoint import Pretrained
+    ckpt = Pretrained(path)
+    dtype = dtype or ckpt.dtype
+    model = ckpt.model(dtype)
+    ckpt.check(model, seq_len=input_shape[-1])
+    specs = [{"name": "input_ids", "shape": list(input_shape), "dtype": "int64", "high": ckpt.vocab_size}]
+    meta_args = (torch.empty(input_shape, dtype=torch.int64, device="meta"),)
+    gm = capture(model, meta_args)
+    out = build({"forward": GraphSpec(gm, meta_args, specs)}, rules=rules, tp=tp, backend=backend, source=ckpt.source,
+                dtype=dtype, device=device, out_root=Path(out_root), key_parts={"checkpoint": ckpt.fingerprint()},
+                extra_files=ckpt.artifact_files(), log=log)
+    return out, ckpt, model, specs
 
 
 def verify(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: str = "eager", out_dir=None,

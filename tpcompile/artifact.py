@@ -46,6 +46,8 @@ class Manifest:
     generation: dict | None = None                  # max_batch, max_seq, prefill_chunk, vocab_size, ...
     files: dict = field(default_factory=dict)  # file name -> sha256
     changes: dict = field(default_factory=dict)
+    backend_versions: dict = field(default_factory=dict)  # package the engine needs at load -> version at compile
+    device_capability: str | None = None  # engines of native code: "x86_64 AVX512" (cpu) or "sm_90" (cuda)
     format_version: int = FORMAT_VERSION
     tpcompile_version: str = field(default_factory=tpcompile_version)
     torch_version: str = torch.__version__
@@ -75,19 +77,39 @@ def sha256_file(path: Path) -> str:
 
 def staging_dir(root: Path, key: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
+    clean_stale(root)
     path = root / f".tmp-{key}-{os.getpid()}-{time.time_ns()}"
     path.mkdir()
     return path
 
 
+def clean_stale(root: Path) -> list[str]:
+    """Remove .tmp-<key>-<pid>-<ns> staging dirs whose compile process is gone (killed mid-compile).
+    A live pid's dir is left alone, even if the pid was reused: at worst a dead dir stays a little longer."""
+    removed = []
+    for path in Path(root).glob(".tmp-*-*-*"):
+        try:
+            pid = int(path.name.split("-")[-2])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 def publish(staging: Path, manifest: Manifest, final: Path) -> Path:
-    """Hash every file, write the manifest last, then rename the directory into place (atomic)."""
+    """Hash every file, write the manifest last, then rename the directory into place (atomic: a directory
+    under its final name is always complete; a compile killed before the rename leaves only .tmp-*)."""
     manifest.files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.name != MANIFEST}
     (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1, default=str))
     try:
         os.rename(staging, final)
     except OSError:  # another compile published the same key first: theirs is as good as ours
         shutil.rmtree(staging, ignore_errors=True)
+        if not (final / MANIFEST).is_file():
+            raise ArtifactError(f"{final}: exists but is not a complete artifact (no {MANIFEST}); "
+                                f"delete it and compile again") from None
     return final
 
 
@@ -96,23 +118,94 @@ def read_manifest(path: Path) -> Manifest:
     file = path / MANIFEST
     if not file.is_file():
         raise ArtifactError(f"{path}: not an artifact (no {MANIFEST}); compile one with `tpcompile compile`")
-    data = json.loads(file.read_text())
+    broken = f"{file}: corrupted or hand-edited ({{}}); delete {path} and compile again"
+    try:
+        data = json.loads(file.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(broken.format(f"not JSON: {e}")) from None
+    if not isinstance(data, dict):
+        raise ArtifactError(broken.format(f"a JSON {type(data).__name__}, not an object"))
     if data.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format {data.get('format_version')}, this tpcompile reads "
                             f"{FORMAT_VERSION}; recompile it")
-    return Manifest(**data)
+    try:
+        m = Manifest(**data)
+    except TypeError as e:  # missing or unknown keys
+        raise ArtifactError(broken.format(str(e).removeprefix("Manifest.__init__() "))) from None
+    if not isinstance(m.files, dict) or not isinstance(m.tp, int) or m.tp < 1:
+        raise ArtifactError(broken.format(f"tp={m.tp!r}, files of type {type(m.files).__name__}"))
+    try:
+        names = list(m.files) + m.engine_files
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ArtifactError(broken.format(f"engine file list: {e!r}")) from None
+    for name in names:  # plain names only: a manifest must not point the loader outside its directory
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ArtifactError(broken.format(f"file name {name!r} is not a plain file name"))
+    return m
 
 
-def check_compatible(m: Manifest, path: Path, *, world_size: int | None = None, device: str | None = None) -> None:
+def check_compatible(m: Manifest, path: Path, *, world_size: int | None = None, device: str | None = None,
+                     pg_name: str | None = None) -> None:
+    """Refuse an artifact this process cannot run: one message with what it was built for, what was found
+    and what to do. Checked before any engine file is opened."""
+    def refuse(built: str, found: str, fix: str):
+        raise ArtifactError(f"{path}: built for {built}, found {found}; {fix}")
+
     if m.torch_version.split("+")[0] != torch.__version__.split("+")[0]:
-        raise ArtifactError(f"{path}: built with torch {m.torch_version}, found torch {torch.__version__}; "
-                            f"recompile the artifact with this torch")
+        refuse(f"torch {m.torch_version}", f"torch {torch.__version__}",
+               f"install torch=={m.torch_version.split('+')[0]} or recompile the artifact with this torch")
     if world_size is not None and world_size != m.tp:
-        raise ArtifactError(f"{path}: built for tp={m.tp}, started with {world_size} ranks; "
-                            f"start {m.tp} ranks or compile for tp={world_size}")
+        refuse(f"tp={m.tp}", f"{world_size} ranks", f"start {m.tp} ranks or compile for tp={world_size}")
     if device is not None and m.device != device:
-        raise ArtifactError(f"{path}: built for device {m.device}, asked to run on {device}; "
-                            f"compile with runtime.device={device}")
+        refuse(f"device {m.device}", f"device {device}", f"run it on {m.device} or compile with "
+               f"runtime.device={device}")
+    for package, built in m.backend_versions.items():
+        found = package_versions([package])[package]
+        if found != built:
+            refuse(f"{m.backend} with {package} {built}", f"{package} {found or 'not installed'}",
+                   f"pip install {package}=={built} or recompile the artifact here")
+    if m.device_capability is not None and (device is None or device == m.device):
+        found = device_capability(m.device)
+        if not _can_run(m.device_capability, found):
+            refuse(f"{m.device} {m.device_capability} ({m.backend} holds machine code)", f"{m.device} {found}",
+                   "recompile the artifact on this kind of machine")
+    if pg_name is not None and pg_name != m.pg_name:
+        refuse(f"process group {m.pg_name!r} (its name is compiled into the collectives)",
+               f"process group {pg_name!r}", "run it in the default process group, created first")
+
+
+def package_versions(names: list[str]) -> dict[str, str | None]:
+    """Installed version of each distribution, None where it is missing."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+_CPU_ISAS = ("DEFAULT", "AVX2", "AVX512")  # each runs the code built for those before it
+
+
+def device_capability(device: str) -> str | None:
+    """What native code built here targets: the CPU's architecture and vector ISA, or the GPU's sm."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
+        return f"sm_{major}{minor}"
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _can_run(built: str, found: str | None) -> bool:
+    if found is None or built == found:
+        return built == found
+    arch_b, _, isa_b = built.partition(" ")
+    arch_f, _, isa_f = found.partition(" ")
+    return arch_b == arch_f and isa_b in _CPU_ISAS and isa_f in _CPU_ISAS and \
+        _CPU_ISAS.index(isa_b) <= _CPU_ISAS.index(isa_f)
 
 
 def check_files(m: Manifest, path: Path, names: list[str]) -> None:
@@ -120,8 +213,39 @@ def check_files(m: Manifest, path: Path, names: list[str]) -> None:
     for name in names:
         file = Path(path) / name
         if not file.is_file():
-            raise ArtifactError(f"{file}: missing from the artifact; recompile it")
+            raise ArtifactError(f"{file}: missing from the artifact; delete {path} and compile again")
         if name not in m.files:
-            raise ArtifactError(f"{file}: not recorded in the manifest; recompile the artifact")
+            raise ArtifactError(f"{file}: not recorded in the manifest; delete {path} and compile again")
         if sha256_file(file) != m.files[name]:
-            raise ArtifactError(f"{file}: sha256 does not match the manifest (corrupted or modified); recompile it")
+            raise ArtifactError(f"{file}: sha256 does not match the manifest (corrupted or modified); "
+                                f"delete {path} and compile again")
+
+
+def check_no_pickle(file: Path) -> None:
+    """Refuse a torch.export archive (.pt2) that would make torch.export.load unpickle.
+
+    torch.export.load runs torch.load(weights_only=False) on weights/constants marked use_pickle,
+    pickle.loads on custom-object constants, and falls back to weights_only=False when the sample inputs do
+    not load with weights_only=True. Our engines hold none of these (weights are meta; the real ones come from
+    safetensors), so any of them means the file was not written by tpcompile."""
+    import io
+    import zipfile
+    try:
+        with zipfile.ZipFile(file) as z:
+            for name in z.namelist():
+                if name.endswith(("_weights_config.json", "_constants_config.json")):
+                    config = json.loads(z.read(name)).get("config", {})
+                    # constants that are not plain tensors ("custom_obj_*", "opaque_obj_*") are unpickled too
+                    pickled = [k for k, v in config.items() if v.get("use_pickle") or
+                               (name.endswith("_constants_config.json") and
+                                not str(v.get("path_name", "")).startswith("tensor_"))]
+                    if pickled:
+                        raise ArtifactError(f"{file}: {name} asks to unpickle {pickled[:3]}; tpcompile engines "
+                                            f"never hold pickled objects: refusing to load it, compile again")
+                elif "/data/sample_inputs/" in name:
+                    torch.load(io.BytesIO(z.read(name)), weights_only=True)  # the safe unpickler, or raise
+    except ArtifactError:
+        raise
+    except Exception as e:
+        raise ArtifactError(f"{file}: not a readable torch.export archive ({type(e).__name__}: {e}); "
+                            f"delete the artifact and compile again") from None

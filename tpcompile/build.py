@@ -8,15 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch.fx import GraphModule
 
 from tpcompile.artifact import MANIFEST, Manifest, cache_key, publish, staging_dir
 from tpcompile.capture import rank_program
-from tpcompile.lower import backend as get_backend
+from tpcompile.lower import backend as get_backend, build_info
 from tpcompile.passes import Partition, partition
+from tpcompile.passes.fuse_linears import fuse_linears
 from tpcompile.placement import shard_tensor
 from tpcompile.plan import Rule, make_plan, plan_table
+from tpcompile.safetensors_io import StreamWriter
 from tpcompile.weights import Source
 
 GROUP_NAME = "0"  # the default process group's name: dist.group.WORLD.group_name
@@ -55,13 +56,13 @@ class GraphSpec:
 
 def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: str, source: Source,
           dtype: torch.dtype, device: str, out_root: Path, key_parts: dict, trace_device: str = "meta",
-          generation: dict | None = None, log=print) -> Path:
+          generation: dict | None = None, extra_files: dict | None = None, fuse: bool = True, log=print) -> Path:
     """Compile every graph with the same plan into one artifact: weights are written once, state buffers
     (KV caches) are recorded and made at load, so prefill and decode share both."""
     lower, _ = get_backend(backend)
     key = cache_key({**key_parts, "graphs": {n: [g.gm.code, g.input_specs] for n, g in graphs.items()},
                      "rules": [[r.match, r.style] for r in rules], "tp": tp, "backend": backend,
-                     "dtype": str(dtype), "device": device, "generation": generation})
+                     "dtype": str(dtype), "device": device, "generation": generation, "fuse": fuse})
     final = Path(out_root) / key
     if (final / MANIFEST).is_file():
         log(f"artifact {final} exists: reusing it")
@@ -75,17 +76,29 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
                              f"the graphs of one artifact must share their weights")
     state = [f for f, s in plan.styles.items() if s == "state"]
     weights = [f for f in plan.shapes if f not in state]
-    dtypes = {f: dtype if source(f).is_floating_point() else source(f).dtype for f in weights}
+    held = next(iter(pres.values())).partition.gm  # dtypes from the (meta) module: no weight is read twice
+    held = dict(held.named_parameters(remove_duplicate=False)) | dict(held.named_buffers(remove_duplicate=False))
+    dtypes = {f: dtype if held[f].is_floating_point() else held[f].dtype for f in weights}
     dtypes.update({f: dtype for f in state})
     local_shapes = {f: plan.local_shape(f) for f in plan.shapes}
+    fused = {}
+    if fuse:  # after partitioning: each rank concatenates its own pieces
+        for name, pre in pres.items():
+            fused = fuse_linears(pre.partition.gm, local_shapes)
+            pre.partition.changes["fuse_linears"] = [f"{k} <- {v}" for k, v in fused.items()]
+        for name, parts in fused.items():
+            dtypes[name] = dtypes[parts[0]]
+            weights = [f for f in weights if f not in set(parts)] + [name]
     staging = staging_dir(Path(out_root), key)
     try:
         entries, codes = {}, []
         for name, g in graphs.items():
             program = rank_program(pres[name].partition.gm, local_shapes, dtypes, g.example_args, trace_device)
             codes.append(program.graph_module.code)
-            entries[name] = {"files": lower(program, staging, name), "inputs": g.input_specs}
-        _write_rank_weights(staging, plan, weights, source, dtypes, tp)
+            entries[name] = {"files": lower(program, staging, name, device=device), "inputs": g.input_specs}
+        _write_rank_weights(staging, plan, weights, source, dtypes, tp, local_shapes, fused)
+        for name, content in (extra_files or {}).items():  # e.g. config.json, tokenizer: hashed like the rest
+            (staging / name).write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())
         (staging / "report.txt").write_text("\n\n".join(f"== {n} ==\n{p.report()}" for n, p in pres.items()) + "\n")
         params = {f: {"style": plan.styles[f], "placement": str(plan.placements[f]),
                       "global": list(plan.shapes[f]), "local": list(local_shapes[f])} for f in plan.shapes}
@@ -94,7 +107,8 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
                             graphs=entries, params=params, generation=generation,
                             state={f: {"shape": list(local_shapes[f]), "dtype": str(dtype).removeprefix("torch.")}
                                    for f in state},
-                            changes=_jsonable({n: p.partition.changes for n, p in pres.items()}))
+                            changes=_jsonable({n: p.partition.changes for n, p in pres.items()}),
+                            **build_info(backend, device))
         return publish(staging, manifest, final)
     except BaseException:
         import shutil
@@ -102,15 +116,36 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
         raise
 
 
-def _write_rank_weights(out: Path, plan, fqns: list[str], source: Source, dtypes: dict, tp: int) -> None:
-    """Each global tensor is made (or read) once and cut for every rank; rank r's file holds only its parts."""
-    per_rank = [{} for _ in range(tp)]
-    for fqn in fqns:
-        t = source(fqn).to(dtypes[fqn])
-        for r in range(tp):
-            per_rank[r][fqn] = shard_tensor(t, plan.placements[fqn], r, tp)
-    for r in range(tp):
-        save_file(per_rank[r], out / f"rank{r}.safetensors")
+def _write_rank_weights(out: Path, plan, fqns: list[str], source: Source, dtypes: dict, tp: int,
+                        local_shapes: dict, fused: dict) -> None:
+    """Each global tensor is made (or read) once, cut for every rank and appended to each rank's file:
+    memory stays near one global tensor, whatever the model's size. A fused weight is the concatenation
+    of its parts' local pieces."""
+    specs = {f: (local_shapes[f], dtypes[f]) for f in fqns}
+    writers = [StreamWriter(out / f"rank{r}.safetensors", specs, {"format": "pt"}) for r in range(tp)]
+    try:
+        for fqn in fqns:
+            if fqn in fused:
+                pieces = [[] for _ in range(tp)]
+                for part in fused[fqn]:
+                    t = source(part).to(dtypes[fqn])
+                    for r in range(tp):
+                        pieces[r].append(shard_tensor(t, plan.placements[part], r, tp))
+                for r, w in enumerate(writers):
+                    w.write(fqn, torch.cat(pieces[r], dim=0))
+                continue
+            t = source(fqn).to(dtypes[fqn])
+            if tuple(t.shape) != tuple(plan.shapes[fqn]):
+                raise ValueError(f"weight {fqn}: the source gave {list(t.shape)}, the graph needs "
+                                 f"{list(plan.shapes[fqn])}")
+            for r, w in enumerate(writers):
+                w.write(fqn, shard_tensor(t, plan.placements[fqn], r, tp))
+            del t
+        for w in writers:
+            w.close()
+    finally:
+        for w in writers:
+            w.file.close()
 
 
 def _jsonable(obj):

@@ -47,8 +47,10 @@ def rank_program(gm: GraphModule, local_shapes: dict[str, tuple], dtypes: dict[s
     """Re-export the rewritten graph with uninitialised weights of local shape: the rank-agnostic engine graph.
     Meta for models built on meta; models that came with real weights may create tensors without a device
     (torch.ones(T, T)), so they are traced with empty CPU tensors instead."""
+    held = {n for n, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
     for fqn, shape in local_shapes.items():
-        set_tensor(gm, fqn, torch.empty(shape, dtype=dtypes[fqn], device=device))
+        if fqn in held:  # passes may have replaced some (fused weights)
+            set_tensor(gm, fqn, torch.empty(shape, dtype=dtypes[fqn], device=device))
     args = tuple(torch.empty(a.shape, dtype=a.dtype, device=device) for a in example_args)
     with torch.no_grad():
         return torch.export.export(gm, args)

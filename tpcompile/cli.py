@@ -17,8 +17,12 @@ commands:
   run       compile (or reuse) and run once on tp workers
   verify    compile, run on tp workers, compare with the unsharded model
   inspect   capture, plan and passes only: the plan table and what each pass changed
+  export-checkpoint ARTIFACT OUT_DIR [max_shard_size=5GB]: merge the rank shards of an artifact compiled
+            from a checkpoint (model=hf model.path=DIR) back into a Hugging Face checkpoint
+  health    tpcompile health ARTIFACT: check every file's sha256, start the workers, report each rank's
+            state and memory (RSS; CUDA memory on GPU)
 
-overrides: model=llama_tiny|llama_1b|llama_8b|mlp plan=megatron|mlp|replicate backend=eager|inductor
+overrides: model=llama_tiny|llama_1b|llama_8b|mlp plan=megatron|mlp|replicate backend=eager|inductor|aoti|onnx|tensorrt
            tp=2 dtype=float32 runtime.device=cpu|cuda   (tpcompile verify -m tp=1,2,4 sweeps)"""
 
 
@@ -30,6 +34,11 @@ def main(argv=None) -> None:
         print(USAGE)
         return
     command = argv.pop(0)
+    if command == "health":  # takes a path, not a config: no Hydra
+        from tpcompile.runtime.health import main as health_main
+        sys.exit(health_main(argv, debug))
+    if command == "export-checkpoint":  # takes paths, not a config: no Hydra
+        sys.exit(_export_checkpoint(argv, debug))
     if command not in COMMANDS:
         print(f"tpcompile: unknown command {command!r}; use one of {sorted(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
@@ -40,7 +49,37 @@ def main(argv=None) -> None:
     from tpcompile.config import CONF_DIR, register
     register()
     sys.argv = [f"tpcompile {command}"] + argv
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task(command, debug))()
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its own errors (bad override, unknown option) to us
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task(command, debug))()
+    except Exception as e:
+        if debug:
+            raise
+        print(f"tpcompile {command}: error: {_hydra_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def _hydra_one_line(e: Exception) -> str:
+    """Hydra's multi-line composition errors as one line: what was wrong, then the choices or the reason."""
+    import re
+    lines: list[str] = []
+    for text in (str(e), str(e.__cause__ or "")):
+        for line in text.splitlines():
+            line = line.strip()
+            skip = line.startswith(("full_key:", "object_type=", "reference_type=", "provider=", "To append",
+                                    "Config search path", "Set the environment variable"))
+            if line and not skip and line not in lines:
+                lines.append(line)
+    text = " ".join(lines)
+    # "In 'config': Could not find 'model/nope' Available options in 'model': a b c" -> model=nope ...
+    m = re.match(r"In '[^']*': Could not find '([^/']+)/([^']+)' Available options in '[^']*': (.*)", text)
+    if m:
+        return f"{m[1]}={m[2]}: no such option; use one of {', '.join(m[3].split())}"
+    return text or _one_line(e)
 
 
 def _task(command: str, debug: bool):
@@ -107,12 +146,44 @@ def _prepare(job):
 def _build(job):
     from tpcompile.build import GraphSpec, build
     from tpcompile.plan import load_rules
+    if job.model.path:  # model=hf: a checkpoint directory
+        return _build_pretrained(job)
     model, gm, specs, meta_args, source, dtype = _prepare(job)
     rules = load_rules([{"match": r.match, "style": r.style} for r in job.plan.rules])
     path = build({"forward": GraphSpec(gm, meta_args, specs)}, rules=rules, tp=job.tp, backend=job.backend.name,
                  source=source, dtype=dtype, device=job.runtime.device, out_root=Path(job.out_dir),
                  key_parts={"model": job.model.graph, "seed": job.model.seed})
     return path, model, specs, source, dtype
+
+
+def _build_pretrained(job):
+    from tpcompile.api import build_pretrained
+    from tpcompile.capture import dtype_of
+    from tpcompile.plan import load_rules
+    dtype = dtype_of(job.dtype)
+    rules = load_rules([{"match": r.match, "style": r.style} for r in job.plan.rules])
+    path, ckpt, model, specs = build_pretrained(job.model.path, tp=job.tp, rules=rules, backend=job.backend.name,
+                                                dtype=dtype, input_shape=tuple(job.model.inputs[0].shape),
+                                                out_root=Path(job.out_dir), device=job.runtime.device)
+    return path, model, specs, ckpt.source, dtype
+
+
+def _export_checkpoint(argv: list[str], debug: bool) -> int:
+    from tpcompile.checkpoint import export_checkpoint
+    paths = [a for a in argv if "=" not in a]
+    options = dict(a.split("=", 1) for a in argv if "=" in a)
+    if len(paths) != 2 or set(options) - {"max_shard_size"}:
+        print("usage: tpcompile export-checkpoint ARTIFACT OUT_DIR [max_shard_size=5GB]", file=sys.stderr)
+        return 2
+    try:
+        files = export_checkpoint(paths[0], paths[1], options.get("max_shard_size", "5GB"))
+    except Exception as e:
+        if debug:
+            raise
+        print(f"tpcompile export-checkpoint: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"wrote {paths[1]}: {len(files)} safetensors file(s)")
+    return 0
 
 
 def cmd_compile(job) -> dict:
@@ -125,8 +196,9 @@ def cmd_compile(job) -> dict:
 def _run_on_workers(job, path, args):
     from tpcompile.api import Artifact
     artifact = Artifact(path)
-    with artifact.session(start_timeout_s=job.runtime.start_timeout_s,
-                          call_timeout_s=job.runtime.call_timeout_s) as session:
+    with artifact.session(start_timeout_s=job.runtime.start_timeout_s, call_timeout_s=job.runtime.call_timeout_s,
+                          heartbeat_timeout_s=job.runtime.heartbeat_timeout_s,
+                          max_restarts=job.runtime.max_restarts) as session:
         return session(*args)
 
 
@@ -181,7 +253,105 @@ def cmd_inspect(job) -> dict:
     return {"capture_seconds": capture_s, "pass_seconds": pre.seconds, "peak_rss_bytes": peak, "changes": counts}
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "verify": cmd_verify, "inspect": cmd_inspect}
+def build_generation(job):
+    """An artifact with a KV cache: a prefill graph (prefill_chunk tokens at a time) and a decode graph
+    (one token per row), both from the model's cached forward, sharing weights and cache."""
+    import torch
+
+    from tpcompile.build import GraphSpec, build
+    from tpcompile.capture import capture, dtype_of
+    from tpcompile.plan import load_rules
+    from tpcompile.weights import random_source
+    from hydra.utils import instantiate
+    dtype = dtype_of(job.dtype)
+    with torch.device("meta"):
+        model = instantiate(job.model.graph, _convert_="all").to(dtype)
+    if not hasattr(model, "setup_cache"):
+        raise ValueError(f"model {job.model.name} ({type(model).__name__}) has no setup_cache(max_batch, max_seq): "
+                         f"it cannot decode with a KV cache; use a decoder such as model=llama_tiny")
+    with torch.device("meta"):
+        model.setup_cache(job.max_batch, job.max_seq, dtype)
+    B, C = job.max_batch, job.prefill_chunk
+    graphs = {}
+    for name, T in (("prefill", C), ("decode", 1)):
+        specs = [dict(name="input_ids", shape=[B, T], dtype="int64", high=None),
+                 dict(name="input_pos", shape=[T], dtype="int64", high=job.max_seq),
+                 dict(name="pad", shape=[B], dtype="int64", high=job.max_seq)]
+        args = (torch.zeros(B, T, dtype=torch.long, device="meta"), torch.zeros(T, dtype=torch.long, device="meta"),
+                torch.zeros(B, dtype=torch.long, device="meta"))
+        graphs[name] = GraphSpec(capture(model, args), args, specs)
+    out = next(n for n in graphs["decode"].gm.graph.nodes if n.op == "output")
+    vocab = out.args[0][0].meta["val"].shape[-1] if isinstance(out.args[0], (tuple, list)) else out.args[0].meta["val"].shape[-1]
+    for g in graphs.values():
+        g.input_specs[0]["high"] = vocab
+    rules = load_rules([{"match": r.match, "style": r.style} for r in job.plan.rules])
+    generation = {"max_batch": B, "max_seq": job.max_seq, "prefill_chunk": C, "vocab_size": vocab}
+    path = build(graphs, rules=rules, tp=job.tp, backend=job.backend.name, source=random_source(model, job.model.seed),
+                 dtype=dtype, device=job.runtime.device, out_root=Path(job.out_dir), generation=generation,
+                 key_parts={"model": job.model.graph, "seed": job.model.seed})
+    return path
+
+
+def cmd_generate(job) -> dict:
+    from tpcompile.api import Artifact
+    from tpcompile.tokenizer import tokenizer_for
+    path = build_generation(job)
+    tok = tokenizer_for(path)
+    prompt = tok.encode(job.prompt)
+    new: list[int] = []
+    printed = 0
+    print(job.prompt, end="", flush=True)
+
+    def stream(step):
+        nonlocal printed
+        new.append(step[0])
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[printed:], end="", flush=True)
+            printed = len(text)
+
+    artifact = Artifact(path)
+    t0 = time.perf_counter()
+    with artifact.session(start_timeout_s=job.runtime.start_timeout_s, call_timeout_s=job.runtime.call_timeout_s) as s:
+        started = time.perf_counter()
+        tokens = s.generate([prompt], job.max_new_tokens, job.temperature, top_k=job.top_k, top_p=job.top_p,
+                            seed=job.seed, eos_token_id=job.eos_token_id, on_tokens=stream)[0]
+        seconds = time.perf_counter() - started
+    print(tok.decode(new)[printed:])
+    print(f"[{len(tokens)} tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s) on {job.tp} worker(s); "
+          f"with start-up {time.perf_counter() - t0:.2f} s; artifact {path}]")
+    return {"artifact": str(path), "prompt_tokens": prompt, "tokens": tokens, "text": tok.decode(tokens),
+            "generate_seconds": seconds}
+
+
+def cmd_bench(job) -> dict:
+    from tpcompile.api import Artifact
+    from tpcompile.bench import summarize, table
+    b = job.bench
+    needed = -(-b.prompt_len // job.prefill_chunk) * job.prefill_chunk + b.new_tokens + b.profile_steps
+    if needed > job.max_seq:
+        raise ValueError(f"bench.prompt_len={b.prompt_len} (padded to prefill_chunk={job.prefill_chunk}) + "
+                         f"bench.new_tokens={b.new_tokens} + bench.profile_steps={b.profile_steps} = {needed} "
+                         f"passes max_seq={job.max_seq}; raise max_seq or lower them")
+    path = build_generation(job)
+    with Artifact(path).session(start_timeout_s=job.runtime.start_timeout_s,
+                                call_timeout_s=job.runtime.call_timeout_s) as s:
+        raw = s.group.call("bench", {"prompt_len": b.prompt_len, "new_tokens": b.new_tokens,
+                                     "batch": job.max_batch, "profile_steps": b.profile_steps})[0]
+    record = summarize(raw, batch=job.max_batch, prompt_len=b.prompt_len, new_tokens=b.new_tokens)
+    record.update(artifact=str(path), model=job.model.name, tp=job.tp, backend=job.backend.name, dtype=job.dtype,
+                  max_seq=job.max_seq, **_provenance())
+    print(table(record))
+    if b.results_dir:
+        out = Path(b.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        name = f"bench_{job.model.name}_tp{job.tp}_{job.backend.name}_{job.dtype}_b{job.max_batch}_{record['date']}.json"
+        (out / name.replace(":", "")).write_text(json.dumps(record, indent=1))
+    return record
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "verify": cmd_verify, "inspect": cmd_inspect,
+            "generate": cmd_generate, "bench": cmd_bench}
 
 if __name__ == "__main__":
     main()

@@ -29,6 +29,7 @@ class ModelConfig:
     graph: Any = MISSING               # {_target_: graphs.llama.Llama, ...}: built on the meta device
     inputs: list[InputSpec] = MISSING  # example inputs: the engine's static input shapes
     seed: int = 0                      # random weights come from this seed (reset_parameters per module)
+    path: Optional[str] = None         # model=hf: a Hugging Face checkpoint dir (config.json + safetensors)
 
 
 @dataclass
@@ -45,7 +46,12 @@ class PlanConfig:
 
 @dataclass
 class BackendConfig:
-    name: str = "eager"                # eager | inductor
+    name: str = "eager"                # eager | inductor | aoti | onnx | tensorrt
+
+    def __post_init__(self):
+        from tpcompile.lower import BACKENDS  # the registry is the list of names
+        if self.name not in BACKENDS:
+            raise ConfigError(f"backend.name={self.name!r} is not known; use one of {sorted(BACKENDS)}")
 
 
 @dataclass
@@ -53,13 +59,25 @@ class RuntimeConfig:
     device: str = "cpu"                # cpu (gloo) | cuda (nccl, one GPU per rank)
     start_timeout_s: float = 120.0     # bound on starting workers, rendezvous and loading
     call_timeout_s: float = 600.0      # bound on one request to the workers
+    heartbeat_timeout_s: float = 10.0  # a ready rank silent this long (stopped, frozen holding the GIL) fails the run
+    max_restarts: int = 0              # after a rank dies or hangs: restart the group, retry the request once
 
     def __post_init__(self):
         if self.device not in DEVICES:
             raise ConfigError(f"runtime.device={self.device!r}: use one of {list(DEVICES)}")
-        for key in ("start_timeout_s", "call_timeout_s"):
+        for key in ("start_timeout_s", "call_timeout_s", "heartbeat_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"runtime.{key}={getattr(self, key)}: must be > 0 seconds")
+        if self.max_restarts < 0:
+            raise ConfigError(f"runtime.max_restarts={self.max_restarts}: must be >= 0 (0 = fail on the first error)")
+
+
+@dataclass
+class BenchConfig:
+    prompt_len: int = 32               # tokens per prompt (every row of the batch)
+    new_tokens: int = 64               # decode steps timed = new_tokens - 1
+    profile_steps: int = 8             # extra decode steps under torch.profiler for the collective share
+    results_dir: Optional[str] = None  # also write the record here (e.g. benchmarks/results)
 
 
 @dataclass
@@ -68,15 +86,36 @@ class JobConfig:
     plan: PlanConfig = MISSING
     backend: BackendConfig = field(default_factory=BackendConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     tp: int = 2                        # tensor-parallel degree: number of ranks
     dtype: str = "float32"             # weights and activations
     out_dir: str = "outputs/engines"   # artifacts go to out_dir/<key>, relative to where tpcompile was started
     tolerance: Optional[float] = None  # verify: max relative error; default by dtype (fp32 1e-5, bf16 2e-2)
     input_seed: int = 1                # run/verify draw their inputs from this seed
+    # generation (tpcompile generate / bench): the KV cache sizes are compiled in
+    max_seq: int = 128                 # cache length: padded prompt + new tokens must fit
+    max_batch: int = 4                 # prompts per batch (rows of the cache)
+    prefill_chunk: int = 16            # prompts are prefilled in chunks of this many tokens (one static graph)
+    prompt: str = "Once upon a time"   # generate: the prompt (byte-level tokens for random-weight presets)
+    max_new_tokens: int = 32
+    temperature: float = 0.0           # 0: greedy
+    top_k: int = 0                     # 0: off
+    top_p: float = 1.0                 # 1.0: off
+    seed: int = 0                      # sampling seed (rank 0 samples and broadcasts)
+    eos_token_id: Optional[int] = None # stop a row at this token
 
     def __post_init__(self):
         if self.tp < 1:
             raise ConfigError(f"tp={self.tp}: the tensor-parallel degree must be >= 1")
+        for key in ("max_seq", "max_batch", "prefill_chunk"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
+        if self.max_seq % self.prefill_chunk:
+            raise ConfigError(f"max_seq={self.max_seq} is not a multiple of prefill_chunk={self.prefill_chunk}; "
+                              f"choose max_seq={self.max_seq // self.prefill_chunk * self.prefill_chunk + self.prefill_chunk}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}: need "
+                              f"temperature >= 0, top_k >= 0, 0 < top_p <= 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: use one of {list(DTYPES)}")
         if self.runtime.device == "cuda":

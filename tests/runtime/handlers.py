@@ -42,3 +42,22 @@ class ToyHandler:
 
 def make_toy(*, rank: int, world_size: int, device: str) -> ToyHandler:
     return ToyHandler(rank, world_size, device)
+
+
+class FaultHandler(ToyHandler):
+    """ToyHandler plus a long request every rank works on, and a rank that hangs while it sets up."""
+
+    def __init__(self, rank: int, world_size: int, device: str, hang_rank: int = -1):
+        super().__init__(rank, world_size, device)
+        if rank == hang_rank:  # blocks forever before its first collective
+            time.sleep(3600)
+
+    def handle(self, op: str, payload: dict) -> dict:
+        if op == "slow":  # every rank busy for payload["s"] seconds, then all_reduce(x + rank)
+            time.sleep(payload["s"])
+            return super().handle("sum", payload)
+        return super().handle(op, payload)
+
+
+def make_fault(*, rank: int, world_size: int, device: str, hang_rank: int = -1) -> FaultHandler:
+    return FaultHandler(rank, world_size, device, hang_rank)

@@ -4,10 +4,11 @@ from pathlib import Path
 import torch
 from torch.export import ExportedProgram
 
+from tpcompile.artifact import check_no_pickle
 from tpcompile.capture import retarget_device, set_tensor
 
 
-def lower(program: ExportedProgram, out_dir: Path, name: str = "engine") -> list[str]:
+def lower(program: ExportedProgram, out_dir: Path, name: str = "engine", *, device: str = "cpu") -> list[str]:
     torch.export.save(program, out_dir / f"{name}.pt2")
     return [f"{name}.pt2"]
 
@@ -19,6 +20,7 @@ def load(out_dir: Path, files: list[str], weights: dict, device) -> torch.nn.Mod
 def bind(path: Path, weights: dict, device) -> torch.nn.Module:
     """The saved rank graph as a module holding this rank's tensors on `device`. The same tensor objects
     may be bound into several graphs (prefill and decode share weights and the KV cache)."""
+    check_no_pickle(path)  # torch.export.load can unpickle; ours never need to (artifact.check_no_pickle)
     gm = torch.export.load(path).module()
     retarget_device(gm, str(device))
     for fqn, t in weights.items():

@@ -3,21 +3,24 @@ will read, loads the engine and only its own weight file, and runs requests."""
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+import torch.distributed as dist
 
 from tpcompile.artifact import check_compatible, check_files, read_manifest
 from tpcompile.capture import dtype_of
 from tpcompile.lower import backend
+from tpcompile.runtime.weights_io import load_rank_weights
 
 
 class RankEngine:
     def __init__(self, *, rank: int, world_size: int, device, artifact: str):
-        self.rank, self.path = rank, Path(artifact)
+        self.rank, self.world_size, self.path = rank, world_size, Path(artifact)
+        self.generation = None
         self.manifest = m = read_manifest(self.path)
         self.device = torch.device(device)
-        check_compatible(m, self.path, world_size=world_size, device=self.device.type)
+        check_compatible(m, self.path, world_size=world_size, device=self.device.type,
+                         pg_name=dist.group.WORLD.group_name if dist.is_initialized() else None)
         check_files(m, self.path, m.engine_files + [m.rank_file(rank)])
-        tensors = load_file(self.path / m.rank_file(rank), device=str(self.device))
+        tensors = load_rank_weights(self.path / m.rank_file(rank), self.device)  # mmap on CPU; overlapped on GPU
         for fqn, spec in m.state.items():  # KV caches: zeros, one tensor shared by every graph
             tensors[fqn] = torch.zeros(spec["shape"], dtype=dtype_of(spec["dtype"]), device=self.device)
         _, load = backend(m.backend)
@@ -32,11 +35,27 @@ class RankEngine:
             out = self.graphs[graph](*(a.to(self.device) for a in args))
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
+    def health(self) -> dict:
+        """What this rank serves, for op "health" (worker.health adds pid and memory)."""
+        return {"artifact": self.manifest.key, "device": str(self.device), "graphs": sorted(getattr(self, "graphs", {}))}
+
     def handle(self, op: str, payload: dict) -> dict:
         if op == "run":
-            out = self(*payload["args"])
+            out = self(*payload["args"], graph=payload.get("graph", "forward"))
             return {"outputs": [o.cpu() for o in out]} if self.rank == 0 else {}
-        raise ValueError(f"unknown op {op!r}; this worker serves 'run'")
+        if op in ("generate_start", "generate_step"):
+            if not self.manifest.generation:
+                raise ValueError(f"{self.path}: compiled without a KV cache; use `tpcompile generate` to build one")
+            if self.generation is None:
+                from tpcompile.runtime.generate import Generation
+                self.generation = Generation(self, self.rank, self.world_size)
+            if op == "generate_start":
+                return self.generation.start(**payload)
+            return self.generation.step(payload["n"])
+        if op == "bench":
+            from tpcompile.runtime.generate import bench
+            return bench(self, self.rank, self.world_size, **payload)
+        raise ValueError(f"unknown op {op!r}; this worker serves 'run', 'generate_start', 'generate_step', 'bench'")
 
 
 def make(*, rank: int, world_size: int, device, artifact: str) -> RankEngine:

@@ -6,9 +6,13 @@
 The launcher knows nothing of models: a handler factory ("package.module:function") builds, in every worker,
 an object with handle(op, payload) -> dict (worker.py). Messages travel over channel.py (JSON + safetensors).
 
-Failure policy: any failure inside call() or start() -- a rank that dies, raises, or misses the deadline --
-stops every worker and raises WorkerError naming the rank. After a partial failure the ranks disagree on how
-far the collectives got, so the group is not reusable; start a new one.
+Failure policy: any failure inside call() or start() -- a rank that dies, raises, misses the deadline, or
+stops heartbeating -- stops every worker and raises WorkerError naming the rank. After a partial failure the
+ranks disagree on how far the collectives got, so the group is not reusable; start a new one (restart.py).
+
+Detection bounds: a dead rank within poll_s (its exit status is polled); a frozen rank (SIGSTOP, native code
+holding the GIL) within heartbeat_timeout_s; a rank stuck in Python or in a collective within the start or
+call deadline, with its stack dumped to its log.
 """
 
 from __future__ import annotations
@@ -38,10 +42,13 @@ _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 class WorkerError(RuntimeError):
     """A worker died, raised, or missed a deadline. str() is one line; .details has the traceback or log tail."""
 
+    # kind: "died" (exit or signal), "raised" (the handler raised), "timeout", "hung" (no heartbeat),
+    # "closed" (connection lost). A "raised" op error is the request's own fault: retrying cannot help.
     def __init__(self, rank: int, problem: str, *, status: str | None, log_path: str | None,
-                 details: str = "", exit: str | None = None):
+                 details: str = "", exit: str | None = None, kind: str = "died"):
         self.rank, self.problem, self.status, self.log_path = rank, problem, status, log_path
-        self.details, self.exit = details, exit
+        self.details, self.exit, self.kind = details, exit, kind
+        self.at = time.monotonic()  # when the failure was detected: tests measure detection latency from it
         super().__init__(f"rank {rank} {problem} (last status: {status!r}; log: {log_path})")
 
 
@@ -94,6 +101,8 @@ class _Rank:
         self.channel: Channel | None = None
         self.status = "starting"
         self.reader: threading.Thread | None = None
+        self.last_seen = time.monotonic()  # of any message: heartbeats arrive every worker.HEARTBEAT_S
+        self.ready = False
 
     def exit_state(self) -> str | None:
         return _exit_state(self.proc.pid)
@@ -102,13 +111,13 @@ class _Rank:
 class WorkerGroup:
     def __init__(self, *, tp: int, handler: str, handler_args: dict, device: str = "cpu",
                  start_timeout_s: float = 60.0, call_timeout_s: float = 300.0, poll_s: float = 0.2,
-                 log_dir: str | None = None, env: dict | None = None):
+                 heartbeat_timeout_s: float = 10.0, log_dir: str | None = None, env: dict | None = None):
         if not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tp must be an int >= 1, got {tp!r}")
         if device not in _w.DEVICES:
             raise ValueError(f"device {device!r} is not one of {_w.DEVICES}")
         for name, value in (("start_timeout_s", start_timeout_s), ("call_timeout_s", call_timeout_s),
-                            ("poll_s", poll_s)):
+                            ("poll_s", poll_s), ("heartbeat_timeout_s", heartbeat_timeout_s)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
         try:
@@ -117,6 +126,7 @@ class WorkerGroup:
             raise TypeError(f"handler_args travel as JSON in an env var: {e}; pass paths or numbers instead") from e
         self.tp, self.handler, self.handler_args, self.device = tp, handler, handler_args, device
         self.start_timeout_s, self.call_timeout_s, self.poll_s = start_timeout_s, call_timeout_s, poll_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
         self.log_dir, self.extra_env = log_dir, dict(env or {})
         self._ranks: list[_Rank] = []
         self._inbox: queue.Queue = queue.Queue()  # (rank, message) for everything but status and heartbeat
@@ -201,7 +211,7 @@ class WorkerGroup:
                 ch.close()
                 continue
             r = self._ranks[rank]
-            r.channel, r.status = ch, "connected"
+            r.channel, r.status, r.last_seen = ch, "connected", time.monotonic()
             r.reader = threading.Thread(target=self._read_loop, args=(r,), daemon=True, name=f"tpc-rank{rank}")
             r.reader.start()
 
@@ -214,9 +224,10 @@ class WorkerGroup:
                 if time.monotonic() > deadline:
                     self._raise_not_ready(lambda r: not ready[r.rank], "was not ready")
             elif msg["kind"] == "ready":
-                ready[rank] = True
+                ready[rank] = self._ranks[rank].ready = True
             elif msg["kind"] == "error":
-                self._fail(rank, f"failed in {msg.get('where')}: {msg.get('error')}", msg.get("traceback", ""))
+                self._fail(rank, f"failed in {msg.get('where')}: {msg.get('error')}", msg.get("traceback", ""),
+                           kind="raised")
             elif msg["kind"] == "eof":
                 self._settle_eof(rank, "during startup")
 
@@ -264,12 +275,13 @@ class WorkerGroup:
             self._raise_if_dead(f"during op {op!r}")
             if first_error and (time.monotonic() > error_deadline or self._all_answered(replies, first_error)):
                 rank, msg = first_error
-                self._fail(rank, f"raised {msg['error']} in op {op!r}", msg.get("traceback", ""))
+                self._fail(rank, f"raised {msg['error']} in op {op!r}", msg.get("traceback", ""), kind="raised")
             if time.monotonic() > deadline:
                 missing = [i for i, x in enumerate(replies) if x is None]
-                self._fail(missing[0], f"gave no reply to op {op!r} within timeout_s={timeout_s:g} s "
-                                       f"(ranks without a reply: {missing}); raise timeout_s if the op is this slow",
-                           self._stack_dump(missing[0]))
+                culprit, stacks = self._find_stuck(missing)
+                self._fail(culprit, f"gave no reply to op {op!r} within timeout_s={timeout_s:g} s "
+                                    f"(ranks without a reply: {missing}); raise timeout_s if the op is this slow",
+                           stacks, kind="timeout")
         return replies
 
     @staticmethod
@@ -295,6 +307,7 @@ class WorkerGroup:
                 if self._state == "running":
                     self._inbox.put((r.rank, {"kind": "eof", "error": str(e)}))
                 return
+            r.last_seen = time.monotonic()
             kind = msg.get("kind")
             if kind == "status":
                 r.status = msg.get("status")
@@ -308,9 +321,9 @@ class WorkerGroup:
             self._state = "failed"
             self.close()
 
-    def _fail(self, rank: int, problem: str, details: str = "", exit: str | None = None) -> None:
+    def _fail(self, rank: int, problem: str, details: str = "", exit: str | None = None, kind: str = "died") -> None:
         r = self._ranks[rank]
-        err = WorkerError(rank, problem, status=r.status, log_path=r.log_path, details=details, exit=exit)
+        err = WorkerError(rank, problem, status=r.status, log_path=r.log_path, details=details, exit=exit, kind=kind)
         self._abort()
         raise err
 
@@ -320,11 +333,40 @@ class WorkerGroup:
             if state is not None:
                 how = state if state.startswith("exit") else f"killed by {state}"
                 self._fail(r.rank, f"died ({how}) {when}", _log_tail(r.log_path), exit=state)
+        now = time.monotonic()
+        for r in self._ranks:
+            silent = now - r.last_seen
+            # only once ready: during startup a worker may sit in native loading code, bounded by start_timeout_s
+            if r.ready and silent > self.heartbeat_timeout_s:
+                self._fail(r.rank, f"sent no heartbeat for {silent:.1f} s {when} (heartbeat_timeout_s="
+                                   f"{self.heartbeat_timeout_s:g}): stopped, or frozen in native code holding the GIL",
+                           self._stack_dump(r.rank), kind="hung")
+
+    def _find_stuck(self, ranks: list[int]) -> tuple[int, str]:
+        """Of ranks that all missed a deadline, the one to blame: the first whose stack is not inside
+        torch.distributed (the others are waiting for it in a collective). Returns it and its stack dump."""
+        offsets = {}
+        for i in ranks:
+            r = self._ranks[i]
+            offsets[i] = Path(r.log_path).stat().st_size if Path(r.log_path).exists() else 0
+            if r.exit_state() is None and r.channel is not None:
+                os.kill(r.proc.pid, signal.SIGUSR1)
+        time.sleep(0.5)  # faulthandler writes from a C signal handler, almost at once
+        dumps = {}
+        for i in ranks:
+            try:
+                with open(self._ranks[i].log_path, "rb") as f:
+                    f.seek(offsets[i])
+                    dumps[i] = f.read().decode(errors="replace")
+            except OSError:
+                dumps[i] = ""
+        culprit = next((i for i in ranks if dumps[i] and "torch/distributed/" not in dumps[i]), ranks[0])
+        return culprit, dumps[culprit] or _log_tail(self._ranks[culprit].log_path)
 
     def _stack_dump(self, rank: int) -> str:
         """Where a stuck rank is: the worker's faulthandler prints every thread's stack on SIGUSR1."""
         r = self._ranks[rank]
-        if r.exit_state() is None:
+        if r.exit_state() is None and r.channel is not None:  # connected: its SIGUSR1 handler is installed
             os.kill(r.proc.pid, signal.SIGUSR1)
             time.sleep(0.5)  # faulthandler writes from a C signal handler, almost at once
         return _log_tail(r.log_path)
@@ -335,20 +377,32 @@ class WorkerGroup:
         while time.monotonic() < end:
             self._raise_if_dead(when)
             time.sleep(0.05)
-        self._fail(rank, f"closed its connection {when} but is still running", _log_tail(self._ranks[rank].log_path))
+        self._fail(rank, f"closed its connection {when} but is still running", _log_tail(self._ranks[rank].log_path),
+                   kind="closed")
 
     def _raise_not_ready(self, pending, what: str) -> None:
         late = [r.rank for r in self._ranks if pending(r)]
-        self._fail(late[0], f"{what} within start_timeout_s={self.start_timeout_s:g} s (ranks {late}); "
-                            f"raise start_timeout_s if startup is this slow",
-                   _log_tail(self._ranks[late[0]].log_path))
+        where = {r.rank: r.status for r in self._ranks if pending(r)}
+        self._fail(late[0], f"{what} within start_timeout_s={self.start_timeout_s:g} s (late ranks and where they "
+                            f"are: {where}); raise start_timeout_s if startup is this slow",
+                   self._stack_dump(late[0]), kind="timeout")
 
     # ------------------------------------------------------------ inspection and shutdown
 
     def status(self) -> list[dict]:
-        """Per rank: pid, alive, last status string, resident memory in bytes."""
-        return [{"rank": r.rank, "pid": r.proc.pid, "alive": r.exit_state() is None, "status": r.status,
-                 "rss_bytes": _rss_bytes(r.proc.pid), "log": r.log_path} for r in self._ranks]
+        """Per rank, without asking the worker: pid, alive, exit, last status string, seconds since its last
+        message, resident memory in bytes. Safe to call from another thread while a call() runs."""
+        now = time.monotonic()
+        return [{"rank": r.rank, "pid": r.proc.pid, "alive": r.exit_state() is None, "exit": r.exit_state(),
+                 "status": r.status, "silent_s": round(now - r.last_seen, 3), "rss_bytes": _rss_bytes(r.proc.pid),
+                 "log": r.log_path} for r in self._ranks]
+
+    def health(self, timeout_s: float = 30.0) -> list[dict]:
+        """status() merged with what each worker reports about itself (op "health", answered by worker.py:
+        RSS, peak RSS, CUDA memory on GPU, plus the handler's own health() if it has one). Bounded by
+        timeout_s; like any call, a failure stops the group and raises WorkerError."""
+        replies = self.call("health", timeout_s=timeout_s)
+        return [{**s, **reply} for s, reply in zip(self.status(), replies)]
 
     def close(self) -> None:
         """Stop every worker: ask politely when healthy, then SIGTERM and SIGKILL their process groups.

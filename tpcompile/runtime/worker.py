@@ -8,6 +8,7 @@ Everything comes from the environment (launcher.py sets it; no Hydra, no pickled
 
 Life of a worker: connect + hello -> "init process group" -> "setup handler" -> ready -> "idle"
 -> ("op <name>" -> reply -> "idle")* -> op "exit": handler.close(), destroy_process_group(), exit 0.
+Op "health" is answered here for any handler (memory, pid), plus the handler's own health() when it has one.
 A daemon thread heartbeats every second and os._exit()s when the launcher is gone, so no worker outlives it.
 
 serve_standalone() runs the same handler under torchrun instead (no launcher, ops given up front).
@@ -121,10 +122,32 @@ def _heartbeat(ch, ppid: int, stopping: threading.Event, rank: int) -> None:
             os._exit(1)  # the main thread may be stuck in a collective: only _exit is sure to end the process
 
 
+def health(handler: Any) -> dict:
+    """This process's memory (bytes) and, on GPU, the CUDA caching allocator's; then handler.health()."""
+    import resource
+    out: dict = {"pid": os.getpid(), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        dev = torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(dev)
+        out.update(cuda_device=dev, cuda_allocated_bytes=torch.cuda.memory_allocated(dev),
+                   cuda_reserved_bytes=torch.cuda.memory_reserved(dev),
+                   cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(dev),
+                   cuda_free_bytes=free, cuda_total_bytes=total)
+    own = getattr(handler, "health", None)
+    if callable(own):
+        out.update(own())
+    return out
+
+
 def _run_op(ch, handler: Any, msg: dict) -> None:
     seq, op = msg.get("seq"), msg["op"]
     try:
-        result = handler.handle(op, msg.get("payload") or {})
+        result = health(handler) if op == "health" else handler.handle(op, msg.get("payload") or {})
         if not isinstance(result, dict):
             raise TypeError(f"handle({op!r}) returned {type(result).__name__}; a handler must return a dict")
         _status(ch, "idle")

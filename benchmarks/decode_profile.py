@@ -1,0 +1,49 @@
+"""Where a decode step's time goes, in one process on one GPU (tp=1): kernel time vs wall time, the top
+kernels, and inductor's perf hints (cudagraph skips). Diagnostic, not a benchmark record.
+
+    TORCH_LOGS=perf_hints python benchmarks/decode_profile.py model=llama_1b backend=inductor_cudagraphs
+"""
+import sys
+import time
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch.profiler import ProfilerActivity, profile
+
+from tpcompile.cli import build_generation
+from tpcompile.config import CONF_DIR, register
+from tpcompile.runtime.engine import RankEngine
+from tpcompile.runtime.generate import Generation
+
+
+def main(overrides):
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        job = OmegaConf.to_object(compose("config", overrides=["tp=1", "dtype=bfloat16", "runtime.device=cuda",
+                                                               "max_batch=1", "max_seq=256", "prefill_chunk=32",
+                                                               *overrides]))
+    path = build_generation(job)
+    engine = RankEngine(rank=0, world_size=1, device="cuda", artifact=str(path))
+    gen = Generation(engine, 0, 1)
+    gen.start([list(range(1, 33))], 100)
+    gen.step(10)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    gen.step(40)
+    torch.cuda.synchronize()
+    print(f"decode: {(time.perf_counter() - t0) / 40 * 1e3:.3f} ms/step (wall, incl. sampling + token read)")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        gen.step(20)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events)
+    print(f"profiled: wall {wall / 20 * 1e3:.3f} ms/step, device busy {kernel_us / 20 / 1e3:.3f} ms/step")
+    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

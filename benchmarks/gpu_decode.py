@@ -1,0 +1,163 @@
+"""Decode at the memory-bandwidth limit on one GPU: tpcompile vs transformers (static cache, compiled) vs a
+plain eager run of our own graph, in one process tree and one device call.
+
+    python benchmarks/gpu_decode.py --models llama_1b llama_8b --out benchmarks/results
+
+For each model: our engine (`tpcompile bench`, bf16, tp=1, batch 1, 32-token prompt, 128 new tokens) with the
+inductor_cudagraphs backend and with the eager backend; transformers' generate with a static cache under
+torch.compile(mode="reduce-overhead") on the same config with random weights; optionally decode at batch 16
+and 64 and a 2048-token prefill. The device's copy bandwidth and bf16 matmul rate are measured first.
+Every record carries device, torch version, commit and date.
+"""
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {  # the presets in conf/model, for transformers' LlamaConfig
+    "llama_1b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                     num_key_value_heads=4, intermediate_size=5632, rope_theta=10000.0),
+    "llama_8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=14336, rope_theta=500000.0),
+}
+
+
+def provenance() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip() or os.environ.get("TPC_COMMIT", "unknown")
+    return {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def ceilings() -> dict:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    copy = 2 * a.numel() * 20 / (time.perf_counter() - t0)
+    del a, b
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ y
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        x @ y
+    torch.cuda.synchronize()
+    flops = 2 * 8192 ** 3 * 10 / (time.perf_counter() - t0)
+    return {"copy_bandwidth_GBps": copy / 1e9, "bf16_matmul_TFLOPs": flops / 1e12}
+
+
+def ours(model: str, backend: str, out: Path, batch=1, prompt=32, new=128, max_seq=256, chunk=32, extra=()):
+    results = out / f"tmp_{model}_{backend}_b{batch}_p{prompt}"
+    cmd = [sys.executable, "-m", "tpcompile.cli", "bench", f"model={model}", "tp=1", "dtype=bfloat16",
+           "runtime.device=cuda", f"backend={backend}", f"max_batch={batch}", f"max_seq={max_seq}",
+           f"prefill_chunk={chunk}", f"bench.prompt_len={prompt}", f"bench.new_tokens={new}",
+           "bench.profile_steps=0", f"bench.results_dir={results}", f"out_dir={out / 'engines'}",
+           f"hydra.run.dir={out / 'hydra'}/{model}_{backend}_{batch}_{prompt}", *extra]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    print(r.stdout[-1500:], r.stderr[-1500:] if r.returncode else "", flush=True)
+    files = glob.glob(str(results / "*.json"))
+    if r.returncode or not files:
+        return {"model": model, "backend": backend, "error": (r.stderr or r.stdout)[-600:]}
+    rec = json.loads(Path(files[0]).read_text())
+    rec["wall_seconds_with_compile"] = time.perf_counter() - t0
+    return rec
+
+
+def transformers_static(model: str, new=128, prompt=32) -> dict:
+    """transformers' generate with a static cache, forward compiled (mode="reduce-overhead")."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(**SHAPES[model], max_position_embeddings=4096, tie_word_embeddings=False)
+    with torch.device("cuda"):
+        m = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    m.generation_config.cache_implementation = "static"
+    m.generation_config.pad_token_id = 0
+    m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
+    ids = torch.randint(1, cfg.vocab_size, (1, prompt), device="cuda")
+
+    def timed(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        timed(new)
+    full = sorted(timed(new) for _ in range(3))[1]
+    first = sorted(timed(1) for _ in range(3))[1]
+    per_token = (full - first) / (new - 1)
+    weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    del m
+    torch.cuda.empty_cache()
+    return {"model": model, "engine": f"transformers {transformers.__version__} generate, static cache, compiled",
+            "decode_ms_p50": per_token * 1e3, "weight_bytes": weight_bytes, "batch": 1, "prompt_len": prompt,
+            "new_tokens": new}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["llama_1b"])
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--parts", nargs="+", default=["ours", "eager", "hf"],
+                    help="ours eager hf batch prefill")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = {**provenance(), **ceilings()}
+    print(json.dumps(base), flush=True)
+    rows = []
+    for model in args.models:
+        if "ours" in args.parts:
+            rows.append({"engine": "tpcompile inductor_cudagraphs", **ours(model, "inductor_cudagraphs", out)})
+        if "eager" in args.parts:
+            rows.append({"engine": "tpcompile eager", **ours(model, "eager", out, new=32)})
+        if "hf" in args.parts:
+            try:
+                rows.append(transformers_static(model))
+            except Exception as e:  # keep the other rows
+                rows.append({"model": model, "engine": "transformers", "error": repr(e)[:500]})
+        if "batch" in args.parts:
+            for b in (16, 64):
+                rows.append({"engine": "tpcompile inductor_cudagraphs", **ours(model, "inductor_cudagraphs", out,
+                                                                               batch=b, new=32, max_seq=128)})
+        if "prefill" in args.parts:
+            rows.append({"engine": "tpcompile inductor_cudagraphs", **ours(model, "inductor_cudagraphs", out,
+                                                                           prompt=2048, new=8, max_seq=2304,
+                                                                           chunk=512)})
+    for r in rows:
+        r.update({k: v for k, v in base.items() if k not in r})
+        if "decode_ms_p50" in r and "weight_bytes" in r and "bytes_per_step" not in r:
+            r["bytes_per_step"] = r["weight_bytes"]
+        if "decode_ms_p50" in r:
+            r["hbm_fraction_of_copy_bw"] = r["bytes_per_step"] / (r["decode_ms_p50"] / 1e3) / (base["copy_bandwidth_GBps"] * 1e9)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"gpu_decode_{stamp}.json").write_text(json.dumps(rows, indent=1))
+    print(f"\n{'model':10} {'engine':58} {'ms/token':>9} {'HBM frac':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r.get('model', '?'):10} {r.get('engine', '?')[:58]:58} ERROR {r['error'][:200]}")
+        else:
+            print(f"{r['model']:10} {r['engine'][:58]:58} {r['decode_ms_p50']:9.3f} {r['hbm_fraction_of_copy_bw']:9.1%}"
+                  f"  b={r.get('batch')} p={r.get('prompt_len')}")
+
+
+if __name__ == "__main__":
+    main()

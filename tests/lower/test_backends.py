@@ -1,0 +1,154 @@
+"""aoti and onnx end to end on real gloo workers (llama_tiny, tp=2): compiled once per module, then verified
+against the unsharded model, loaded without a compiler, copied and loaded from a fresh process, refused
+when the manifest says it was built for something else."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+from tpcompile.api import Artifact
+from tpcompile.artifact import ArtifactError, check_compatible, read_manifest
+from tpcompile.capture import example_inputs
+from tpcompile.cli import cmd_compile, cmd_verify
+from tpcompile.config import CONF_DIR, register
+from tpcompile.runtime.launcher import WorkerGroup
+
+BACKENDS = ["aoti", "onnx"]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """compose(overrides) -> JobConfig; artifacts of the whole module share one out_dir (compiled once)."""
+    register()
+    out = tmp_path_factory.mktemp("engines")
+
+    def make(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[f"out_dir={out}", *overrides])
+        return OmegaConf.to_object(cfg)
+    return make
+
+
+@pytest.fixture(scope="module")
+def verified(job):
+    """backend -> the verify record of llama_tiny at tp=2 (compiles the artifact on first use)."""
+    records = {}
+
+    def get(backend: str) -> dict:
+        if backend not in records:
+            records[backend] = cmd_verify(job("model=llama_tiny", "tp=2", f"backend={backend}"))
+        return records[backend]
+    return get
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_matches_unsharded(verified, backend):
+    record = verified(backend)
+    assert record["ok"], record
+    assert 0 < record["max_abs_err"] and record["max_rel_err"] <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_engine_for_all_ranks_without_weights(verified, backend):
+    path = Path(verified(backend)["artifact"])
+    m = read_manifest(path)
+    rank0 = load_file(path / m.rank_file(0))
+    if backend == "aoti":
+        (package,) = m.engine_files
+        names = zipfile.ZipFile(path / package).namelist()
+        assert any(n.endswith(".so") for n in names)
+        assert not [n for n in names if "/data/constants/" in n or "/data/weights/" in n], names
+    else:
+        steps = json.loads((path / m.engine_files[0]).read_text())
+        collectives = [s for s in steps["steps"] if s["op"] == "collective"]
+        segments = [s for s in steps["steps"] if s["op"] == "segment"]
+        assert len(collectives) == 4 and len(segments) == 5  # 2 layers x (attention, mlp) all-reduces
+        assert set(steps["params"].values()) == set(rank0)  # every weight is an input, fed per rank
+        import onnx
+        for s in segments:
+            assert not onnx.load(str(path / s["file"])).graph.initializer or all(
+                i.name not in rank0 for i in onnx.load(str(path / s["file"])).graph.initializer)
+    assert m.engine_files and not [f for f in m.engine_files if "rank" in f]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_workers_load_without_compiling(verified, backend, tmp_path):
+    """The workers import no compiler: no Inductor (aoti's loader is built directly, skipping the ISA probe
+    that compiles test programs), no ONNX exporter; and they produce the verified output."""
+    path = Path(verified(backend)["artifact"])
+    x = example_inputs(read_manifest(path).graphs["forward"]["inputs"], device="cpu", seed=1)
+    cache = tmp_path / "inductor-cache"
+    with WorkerGroup(tp=2, handler="tests.lower.handlers:make_probed", handler_args={"artifact": str(path)},
+                     env={"TORCHINDUCTOR_CACHE_DIR": str(cache)}) as group:  # __enter__ starts it
+        (y,) = group.call("run", {"args": list(x)})[0]["outputs"]
+        imported = [r["modules"] for r in group.call("imported")]
+    assert imported == [[], []], imported
+    assert not cache.exists()
+    torch.testing.assert_close(y, Artifact(verified("eager")["artifact"]).run(*x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_copied_artifact_runs_from_a_fresh_process(verified, backend, tmp_path):
+    path = Path(verified(backend)["artifact"])
+    copy = tmp_path / "elsewhere" / "artifact"
+    shutil.copytree(path, copy)
+    script = ("import sys, torch, tpcompile\n"
+              "from safetensors.torch import save_file\n"
+              "from tpcompile.capture import example_inputs\n"
+              "art = tpcompile.load(sys.argv[1])\n"
+              "x = example_inputs(art.manifest.graphs['forward']['inputs'], device='cpu', seed=1)\n"
+              "save_file({'y': art.run(*x)}, sys.argv[2])\n")
+    out = tmp_path / "y.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script, str(copy), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    x = example_inputs(read_manifest(path).graphs["forward"]["inputs"], device="cpu", seed=1)
+    torch.testing.assert_close(load_file(out)["y"], Artifact(verified("eager")["artifact"]).run(*x),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"torch_version": "2.0.0"}, r"built for torch 2\.0\.0, found torch .*; install torch==2\.0\.0 or recompile"),
+    ({"tp": 4}, r"built for tp=4, found 2 ranks; start 4 ranks or compile for tp=2"),
+    ({"backend_versions": {"onnxruntime": "0.1"}},
+     r"built for aoti with onnxruntime 0\.1, found onnxruntime .*; pip install onnxruntime==0\.1"),
+    ({"device_capability": "aarch64 DEFAULT"}, r"built for cpu aarch64 DEFAULT .*found cpu .*recompile"),
+    ({"device": "cuda"}, r"built for device cuda, found device cpu"),
+    ({"pg_name": "7"}, r"built for process group '7' .*found process group '0'"),
+])
+def test_edited_manifest_is_refused_with_one_clear_message(verified, tmp_path, edit, message):
+    path = tmp_path / "artifact"
+    shutil.copytree(verified("aoti")["artifact"], path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, **edit}))
+    with pytest.raises(ArtifactError, match=message):
+        check_compatible(read_manifest(path), path, world_size=2, device="cpu", pg_name="0")
+
+
+def test_edited_manifest_stops_the_workers_with_the_message(verified, tmp_path):
+    path = tmp_path / "artifact"
+    shutil.copytree(verified("aoti")["artifact"], path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "torch_version": "2.0.0"}))
+    x = example_inputs(manifest["graphs"]["forward"]["inputs"], device="cpu", seed=1)
+    with pytest.raises(Exception, match=r"built for torch 2\.0\.0, found torch"):
+        Artifact(path).run(*x)
+
+
+def test_tensorrt_without_it_names_what_is_missing(job):
+    import importlib.util
+    if importlib.util.find_spec("torch_tensorrt") and torch.cuda.is_available():
+        pytest.skip("torch-tensorrt and a GPU are here: nothing is missing")
+    with pytest.raises(RuntimeError, match=r"backend=tensorrt needs .*a CUDA GPU.*pip install 'tpcompile\[tensorrt\]'"):
+        cmd_compile(job("backend=tensorrt", "tp=2"))

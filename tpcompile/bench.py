@@ -1,0 +1,52 @@
+"""`tpcompile bench`: prefill latency, decode latency percentiles, tokens/s, memory, collective share and,
+on a GPU, the fraction of HBM bandwidth reached. Timings are taken inside rank 0 (synchronised per step);
+this module turns them into one JSON record and a table."""
+import statistics
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summarize(raw: dict, *, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    steps = raw["step_seconds"]
+    p50 = percentile(steps, 0.5)
+    bytes_per_step = raw["weight_bytes"] + raw["cache_bytes"]  # every weight and the whole static cache is read
+    record = {
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "device_name": raw["device_name"],
+        "prefill_ms": raw["prefill_seconds"] * 1e3,
+        "prefill_tokens_per_s": batch * prompt_len / raw["prefill_seconds"],
+        "decode_ms_p50": p50 * 1e3, "decode_ms_p95": percentile(steps, 0.95) * 1e3,
+        "decode_ms_p99": percentile(steps, 0.99) * 1e3, "decode_ms_mean": statistics.fmean(steps) * 1e3,
+        "decode_steps": len(steps), "decode_tokens_per_s": batch / p50,
+        "collective_share": raw["collective_share"], "weight_bytes_per_rank": raw["weight_bytes"],
+        "cache_bytes_per_rank": raw["cache_bytes"], "peak_memory_bytes": raw["peak_memory_bytes"],
+        "bytes_per_step": bytes_per_step,
+    }
+    if raw.get("copy_bandwidth"):
+        record["copy_bandwidth_GBps"] = raw["copy_bandwidth"] / 1e9
+        record["hbm_fraction"] = bytes_per_step / p50 / raw["copy_bandwidth"]
+    return record
+
+
+def table(record: dict) -> str:
+    rows = [
+        ("model / tp / backend / dtype", f"{record['model']} / {record['tp']} / {record['backend']} / {record['dtype']}"),
+        ("device", record["device_name"]),
+        ("batch, prompt, new tokens", f"{record['batch']}, {record['prompt_len']}, {record['new_tokens']}"),
+        ("prefill", f"{record['prefill_ms']:.2f} ms ({record['prefill_tokens_per_s']:.0f} tokens/s)"),
+        ("decode per step p50 / p95 / p99",
+         f"{record['decode_ms_p50']:.3f} / {record['decode_ms_p95']:.3f} / {record['decode_ms_p99']:.3f} ms"),
+        ("decode tokens/s", f"{record['decode_tokens_per_s']:.1f}"),
+        ("collective share of a step", f"{record['collective_share']:.1%}"),
+        ("weights + cache per rank", f"{record['weight_bytes_per_rank'] / 2**20:.1f} + "
+                                     f"{record['cache_bytes_per_rank'] / 2**20:.1f} MiB"),
+        ("peak memory per rank", f"{record['peak_memory_bytes'] / 2**20:.1f} MiB"),
+    ]
+    if "hbm_fraction" in record:
+        rows.append(("HBM bandwidth reached", f"{record['hbm_fraction']:.1%} of {record['copy_bandwidth_GBps']:.0f} GB/s"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

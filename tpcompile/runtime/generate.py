@@ -1,0 +1,212 @@
+"""The generation loop, run inside every worker: chunked prefill, then one decode step per token.
+
+Prompts are left-padded to a multiple of the prefill chunk, so every row writes the same cache positions
+and the decode graph has static shapes (CUDA-graph friendly). Rank 0 samples and broadcasts the tokens, so
+every rank continues with the same token even if floating-point sampling differed.
+"""
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> tokens (B,). temperature 0 is greedy; top_k 0 and top_p 1.0 turn those filters off."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_request(spec: dict, prompts: list[list[int]], max_new_tokens: int) -> int:
+    """Checks a request against the cache sizes; returns the padded prompt length. Each error is one line
+    naming the limit and the setting that raises it."""
+    if not prompts:
+        raise ValueError("no prompts given; pass at least one prompt")
+    if len(prompts) > spec["max_batch"]:
+        raise ValueError(f"{len(prompts)} prompts exceed max_batch={spec['max_batch']}; "
+                         f"recompile with max_batch={len(prompts)} or send fewer prompts")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; give at least one token")
+        bad = [t for t in p if not 0 <= t < spec["vocab_size"]]
+        if bad:
+            raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {spec['vocab_size']})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    chunk = spec["prefill_chunk"]
+    longest = max(len(p) for p in prompts)
+    total = math.ceil(longest / chunk) * chunk
+    if total > spec["max_seq"]:
+        raise ValueError(f"a prompt of {longest} tokens (padded to {total}, a multiple of prefill_chunk={chunk}) "
+                         f"is longer than max_seq={spec['max_seq']}; recompile with a larger max_seq")
+    if total + max_new_tokens - 1 > spec["max_seq"]:
+        raise ValueError(f"a prompt of {longest} tokens (padded to {total}) plus max_new_tokens={max_new_tokens} "
+                         f"passes the cache (max_seq={spec['max_seq']}); lower max_new_tokens to "
+                         f"{spec['max_seq'] - total + 1} or recompile with max_seq={total + max_new_tokens - 1}")
+    return total
+
+
+class Generation:
+    """State of one batch being generated on this rank: the cache lives in the engine's graphs."""
+
+    def __init__(self, engine, rank: int, world_size: int):
+        self.engine, self.rank, self.world_size = engine, rank, world_size
+        self.spec = engine.manifest.generation
+        self.device = engine.device
+        self.active = False
+
+    def start(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+              top_p: float = 1.0, seed: int = 0, return_logits: bool = False) -> dict:
+        total = check_request(self.spec, prompts, max_new_tokens)
+        B, chunk, n = self.spec["max_batch"], self.spec["prefill_chunk"], len(prompts)
+        ids = torch.zeros(B, total, dtype=torch.long)
+        pad = torch.full((B,), total - 1, dtype=torch.long)  # unused rows: one token, no empty attention rows
+        for i, p in enumerate(prompts):
+            ids[i, total - len(p):] = torch.tensor(p, dtype=torch.long)
+            pad[i] = total - len(p)
+        self.pad = pad.to(self.device)
+        self.options = (temperature, top_k, top_p)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed) if self.rank == 0 else None
+        self.n, self.remaining, self.return_logits = n, max_new_tokens, return_logits
+        start = time.perf_counter()
+        for c in range(total // chunk):
+            pos = torch.arange(c * chunk, (c + 1) * chunk, device=self.device)
+            logits = self.engine.graphs["prefill"](ids[:, c * chunk:(c + 1) * chunk].to(self.device), pos, self.pad)
+        self.token = self._sample(logits)
+        self.pos = total
+        self.active = True
+        reply = self._emit([self.token], [logits])
+        reply["prefill_seconds"] = self._elapsed(start)
+        return reply
+
+    def step(self, n: int) -> dict:
+        if not self.active:
+            raise ValueError("no generation in progress; call generate_start first")
+        tokens, logits_seen = [], []
+        for _ in range(min(n, self.remaining)):
+            pos = torch.tensor([self.pos], device=self.device)
+            logits = self.engine.graphs["decode"](self.token[:, None], pos, self.pad)
+            self.pos += 1
+            self.token = self._sample(logits)
+            tokens.append(self.token)
+            logits_seen.append(logits)
+        return self._emit(tokens, logits_seen)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.rank == 0:
+            token = sample(logits, *self.options, self.generator)
+        else:
+            token = torch.empty(logits.shape[0], dtype=torch.long, device=self.device)
+        if self.world_size > 1:
+            dist.broadcast(token, src=0)
+        return token
+
+    def _emit(self, tokens: list[torch.Tensor], logits: list[torch.Tensor]) -> dict:
+        self.remaining -= len(tokens)
+        if self.rank != 0:
+            return {}
+        reply = {"tokens": [t[:self.n].tolist() for t in tokens], "done": self.remaining <= 0}
+        if self.return_logits:
+            reply["logits"] = [lg[:self.n].float().cpu() for lg in logits]
+        return reply
+
+    def _elapsed(self, start: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+
+COLLECTIVE_EVENTS = ("all_reduce", "allreduce", "all_gather", "allgather", "broadcast", "wait_tensor", "nccl", "gloo")
+
+
+def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, batch: int,
+          profile_steps: int = 8) -> dict:
+    """Time prefill and every decode step on this rank (synchronised), then profile a few more steps to find
+    the share of step time spent in collectives. Rank 0 returns the figures."""
+    gen = Generation(engine, rank, world_size)
+    vocab = gen.spec["vocab_size"]
+    prompts = [[(31 * b + 7 * i + 1) % vocab for i in range(prompt_len)] for b in range(batch)]
+    sync = (lambda: torch.cuda.synchronize(engine.device)) if engine.device.type == "cuda" else (lambda: None)
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    for _ in range(3):  # warm-up: the first calls compile, the next record CUDA graphs
+        gen.start(prompts, 3)
+        gen.step(2)
+    sync()
+    t0 = time.perf_counter()
+    gen.start(prompts, new_tokens)
+    sync()
+    prefill = time.perf_counter() - t0
+    steps = []
+    for _ in range(new_tokens - 1):
+        t0 = time.perf_counter()
+        gen.step(1)
+        sync()
+        steps.append(time.perf_counter() - t0)
+    share = _collective_share(gen, prompts, profile_steps, engine.device.type, sync) if world_size > 1 else 0.0
+    weights = sum(t.numel() * t.element_size() for t in _unique_tensors(engine, "weights"))
+    cache = sum(t.numel() * t.element_size() for t in _unique_tensors(engine, "state"))
+    peak = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else _peak_rss()
+    if rank != 0:
+        return {}
+    return {"prefill_seconds": prefill, "step_seconds": steps, "collective_share": share,
+            "weight_bytes": weights, "cache_bytes": cache, "peak_memory_bytes": peak,
+            "copy_bandwidth": _copy_bandwidth(engine.device) if engine.device.type == "cuda" else None,
+            "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"}
+
+
+def _collective_share(gen, prompts, steps: int, device_type: str, sync) -> float:
+    from torch.profiler import ProfilerActivity, profile
+    gen.start(prompts, steps + 1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        gen.step(steps)
+        sync()
+    wall = time.perf_counter() - t0
+    attr = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    comm_us = sum(getattr(e, attr, 0.0) for e in prof.key_averages()
+                  if any(k in e.key.lower() for k in COLLECTIVE_EVENTS))
+    return min(1.0, comm_us / 1e6 / wall)
+
+
+def _unique_tensors(engine, kind: str):
+    state = set(engine.manifest.state)
+    seen = {}
+    for module in engine.graphs.values():
+        module = getattr(module, "_orig_mod", module)
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if (name in state) == (kind == "state"):
+                seen.setdefault(t.data_ptr(), t)
+    return list(seen.values())
+
+
+def _peak_rss() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _copy_bandwidth(device, nbytes: int = 1 << 30, repeat: int = 10) -> float:
+    """Bytes per second moved by a device-to-device copy (reads + writes), the HBM roofline."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    return 2 * nbytes * repeat / (time.perf_counter() - t0)
