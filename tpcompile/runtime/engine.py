@@ -23,6 +23,7 @@ class RankEngine:
         tensors = load_rank_weights(self.path / m.rank_file(rank), self.device)  # mmap on CPU; overlapped on GPU
         for fqn, spec in m.state.items():  # KV caches: zeros, one tensor shared by every graph
             tensors[fqn] = torch.zeros(spec["shape"], dtype=dtype_of(spec["dtype"]), device=self.device)
+        self.tensors = tensors  # this rank's weights and state, shared by its graphs
         _, load = backend(m.backend)
         self.graphs = {name: load(self.path, g["files"], tensors, self.device) for name, g in m.graphs.items()}
 

@@ -156,8 +156,9 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
         sync()
         steps.append(time.perf_counter() - t0)
     share = _collective_share(gen, prompts, profile_steps, engine.device.type, sync) if world_size > 1 else 0.0
-    weights = sum(t.numel() * t.element_size() for t in _unique_tensors(engine, "weights"))
-    cache = sum(t.numel() * t.element_size() for t in _unique_tensors(engine, "state"))
+    state = set(engine.manifest.state)
+    weights = sum(t.numel() * t.element_size() for f, t in engine.tensors.items() if f not in state)
+    cache = sum(t.numel() * t.element_size() for f, t in engine.tensors.items() if f in state)
     peak = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else _peak_rss()
     if rank != 0:
         return {}
@@ -181,17 +182,6 @@ def _collective_share(gen, prompts, steps: int, device_type: str, sync) -> float
     comm_us = sum(getattr(e, attr, 0.0) for e in prof.key_averages()
                   if any(k in e.key.lower() for k in COLLECTIVE_EVENTS))
     return min(1.0, comm_us / 1e6 / wall)
-
-
-def _unique_tensors(engine, kind: str):
-    state = set(engine.manifest.state)
-    seen = {}
-    for module in engine.graphs.values():
-        module = getattr(module, "_orig_mod", module)
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if (name in state) == (kind == "state"):
-                seen.setdefault(t.data_ptr(), t)
-    return list(seen.values())
 
 
 def _peak_rss() -> int:
