@@ -66,8 +66,10 @@ def set_tensor(root: nn.Module, fqn: str, value: torch.Tensor) -> None:
         mod._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
     elif name in mod._buffers:
         mod._buffers[name] = value.data
+    elif value.is_floating_point():  # a new weight (e.g. a fused one): a parameter, never a lifted constant
+        mod.register_parameter(name, value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False))
     else:
-        setattr(mod, name, value)
+        mod.register_buffer(name, value)
 
 
 def retarget_device(gm: GraphModule, device: str) -> int:
