@@ -1,5 +1,6 @@
 """The Python API, mirroring the CLI: compile / load / verify, Artifact.run / session."""
 import hashlib
+import sys
 from pathlib import Path
 
 import torch
@@ -103,6 +104,10 @@ class Session:
             "top_k": int(top_k), "top_p": float(top_p), "seed": int(seed), "return_logits": return_logits})[0]
         out, logits = [[] for _ in prompts], []
         finished = [False] * len(prompts)
+        bar = None
+        if on_tokens is None and sys.stderr.isatty():  # a progress bar only for a person watching
+            from tqdm import tqdm
+            bar = tqdm(total=max_new_tokens, unit="tok", leave=False)
         while True:
             for step in reply["tokens"]:
                 for row, token in enumerate(step):
@@ -111,10 +116,14 @@ class Session:
                         finished[row] = token == eos_token_id
                 if on_tokens:
                     on_tokens(step)
+                if bar is not None:
+                    bar.update(1)
             logits.extend(reply.get("logits", []))
             if reply["done"] or all(finished):
                 break
             reply = self.group.call("generate_step", {"n": step_tokens})[0]
+        if bar is not None:
+            bar.close()
         return (out, torch.stack(logits)) if return_logits else out
 
     def __exit__(self, *exc) -> None:

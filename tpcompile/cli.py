@@ -264,8 +264,17 @@ def build_generation(job):
     from tpcompile.weights import random_source
     from hydra.utils import instantiate
     dtype = dtype_of(job.dtype)
-    with torch.device("meta"):
-        model = instantiate(job.model.graph, _convert_="all").to(dtype)
+    extra_files = None
+    if job.model.path:  # model=hf: a checkpoint directory
+        from tpcompile.checkpoint import Pretrained
+        ckpt = Pretrained(job.model.path)
+        model = ckpt.model(dtype)
+        ckpt.check(model, seq_len=job.max_seq)
+        source, key_parts, extra_files = ckpt.source, {"checkpoint": ckpt.fingerprint()}, ckpt.artifact_files()
+    else:
+        with torch.device("meta"):
+            model = instantiate(job.model.graph, _convert_="all").to(dtype)
+        source, key_parts = random_source(model, job.model.seed), {"model": job.model.graph, "seed": job.model.seed}
     if not hasattr(model, "setup_cache"):
         raise ValueError(f"model {job.model.name} ({type(model).__name__}) has no setup_cache(max_batch, max_seq): "
                          f"it cannot decode with a KV cache; use a decoder such as model=llama_tiny")
@@ -286,10 +295,17 @@ def build_generation(job):
         g.input_specs[0]["high"] = vocab
     rules = load_rules([{"match": r.match, "style": r.style} for r in job.plan.rules])
     generation = {"max_batch": B, "max_seq": job.max_seq, "prefill_chunk": C, "vocab_size": vocab}
-    path = build(graphs, rules=rules, tp=job.tp, backend=job.backend.name, source=random_source(model, job.model.seed),
-                 dtype=dtype, device=job.runtime.device, out_root=Path(job.out_dir), generation=generation,
-                 key_parts={"model": job.model.graph, "seed": job.model.seed})
+    path = build(graphs, rules=rules, tp=job.tp, backend=job.backend.name, source=source, dtype=dtype,
+                 device=job.runtime.device, out_root=Path(job.out_dir), generation=generation, key_parts=key_parts,
+                 extra_files=extra_files)
     return path
+
+
+def _checkpoint_eos(path: Path):
+    """The end token of a checkpoint's generation_config.json (the first, if it lists several)."""
+    file = Path(path) / "generation_config.json"
+    eos = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+    return eos[0] if isinstance(eos, list) and eos else eos
 
 
 def cmd_generate(job) -> dict:
@@ -297,6 +313,7 @@ def cmd_generate(job) -> dict:
     from tpcompile.tokenizer import tokenizer_for
     path = build_generation(job)
     tok = tokenizer_for(path)
+    eos = job.eos_token_id if job.eos_token_id is not None else _checkpoint_eos(path)
     prompt = tok.encode(job.prompt)
     new: list[int] = []
     printed = 0
@@ -315,7 +332,7 @@ def cmd_generate(job) -> dict:
     with artifact.session(start_timeout_s=job.runtime.start_timeout_s, call_timeout_s=job.runtime.call_timeout_s) as s:
         started = time.perf_counter()
         tokens = s.generate([prompt], job.max_new_tokens, job.temperature, top_k=job.top_k, top_p=job.top_p,
-                            seed=job.seed, eos_token_id=job.eos_token_id, on_tokens=stream)[0]
+                            seed=job.seed, eos_token_id=eos, on_tokens=stream)[0]
         seconds = time.perf_counter() - started
     print(tok.decode(new)[printed:])
     print(f"[{len(tokens)} tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s) on {job.tp} worker(s); "

@@ -3,6 +3,8 @@
 Shard(dim, ways): the tensor is cut into `ways` contiguous pieces along `dim`; rank r holds piece
 r * ways // tp. ways == tp is the usual case; ways < tp means pieces are replicated on tp // ways
 ranks each (kv heads when tp > kv heads).
+Shard(dim, ways, parts): a fused tensor whose `dim` is the concatenation of parts (q, k, v): every part is
+cut into `ways` pieces and a rank holds its piece of each part, concatenated (never a cut across parts).
 Partial: every rank holds a summand; the full value is their sum (rowwise matmul output).
 """
 from dataclasses import dataclass
@@ -20,9 +22,10 @@ class Replicate:
 class Shard:
     dim: int
     ways: int
+    parts: tuple = ()  # global sizes of the fused parts along dim; () = one part
 
     def __str__(self) -> str:
-        return f"S({self.dim})/{self.ways}"
+        return f"S({self.dim})/{self.ways}" + (f"{list(self.parts)}" if self.parts else "")
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ def local_shape(shape, placement: Placement) -> tuple[int, ...]:
     shape = tuple(shape)
     if isinstance(placement, Shard):
         d = placement.dim
-        return shape[:d] + (shape[d] // placement.ways,) + shape[d + 1:]
+        return shape[:d] + (shape[d] // placement.ways,) + shape[d + 1:]  # parts: sum(p // ways) == size // ways
     return shape
 
 
@@ -53,6 +56,10 @@ def shard_tensor(t: torch.Tensor, placement: Placement, rank: int, tp: int) -> t
     """The rank's local part of a global tensor, contiguous (AOTInductor mis-reads offset views)."""
     if not isinstance(placement, Shard):
         return t.contiguous()
+    if placement.parts:  # each part cut alone: (q0 q1 | k0 k1) -> rank 0 holds (q0 | k0)
+        parts = t.split(list(placement.parts), placement.dim)
+        return torch.cat([shard_tensor(p, Shard(placement.dim, placement.ways), rank, tp) for p in parts],
+                         placement.dim)
     size = t.shape[placement.dim] // placement.ways
     start = piece(rank, tp, placement.ways) * size
     return t.narrow(placement.dim, start, size).contiguous()

@@ -6,7 +6,12 @@ A style says what a parameter does, not which dim to cut; the dim follows from t
     linear weight (out, in)    Shard(0)       Shard(1)      # rowwise output is a partial sum -> all-reduce
     linear bias (out,)         Shard(0)       Replicate     # added once, after the reduction
     embedding weight (V, C)    Shard(1)       Shard(0)
+    addmm weight (in, out)     Shard(1)       Shard(0)      # GPT-2's Conv1D; its bias as a linear's
     anything else              Shard(0)       Shard(-1)
+
+style vocab cuts the vocabulary (dim 0) of an embedding or output head, tied or not: the lookup is masked and
+all-reduced, the logits all-gathered. A rule's `parts` (sizes along the cut dim) cuts a fused weight part by part.
+plan "auto" (the rule {match: "*", style: auto}) derives the rules from the graph (tpcompile/autoplan.py).
 """
 import fnmatch
 import hashlib
@@ -17,10 +22,10 @@ from pathlib import Path
 import torch
 from torch.fx import GraphModule, Node
 
-from tpcompile.placement import R, Placement, Replicate, Shard
+from tpcompile.placement import R, Placement, Replicate, Shard, local_shape
 
 aten = torch.ops.aten
-STYLES = ("colwise", "rowwise", "replicate")
+STYLES = ("colwise", "rowwise", "replicate", "vocab", "auto")
 CONF_PLAN_DIR = Path(__file__).resolve().parents[1] / "conf" / "plan"
 
 
@@ -31,7 +36,8 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class Rule:
     match: str  # glob over parameter fqns, e.g. "layers.*.attn.wq.weight"
-    style: str  # colwise | rowwise | replicate
+    style: str  # colwise | rowwise | replicate | vocab | auto
+    parts: tuple | None = None  # a fused weight's part sizes along the cut dim, e.g. (4096, 1024, 1024)
 
 
 @dataclass
@@ -43,13 +49,10 @@ class ShardPlan:
     shapes: dict[str, tuple]          # fqn -> global shape
 
     def local_shape(self, fqn: str) -> tuple:
-        pl, shape = self.placements[fqn], list(self.shapes[fqn])
-        if isinstance(pl, Shard):
-            shape[pl.dim] //= pl.ways
-        return tuple(shape)
+        return local_shape(self.shapes[fqn], self.placements[fqn])
 
     def digest(self) -> str:
-        text = json.dumps([[r.match, r.style] for r in self.rules])
+        text = json.dumps([[r.match, r.style] + ([list(r.parts)] if r.parts else []) for r in self.rules])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -68,7 +71,10 @@ def load_rules(plan) -> list[Rule]:
         plan = plan.get("rules", [{"match": k, "style": v} for k, v in plan.items()])
     rules = []
     for item in plan:
-        rule = item if isinstance(item, Rule) else Rule(**dict(item))
+        if not isinstance(item, Rule):
+            item = dict(item)
+            item["parts"] = tuple(item["parts"]) if item.get("parts") else None
+        rule = item if isinstance(item, Rule) else Rule(**item)
         if rule.style not in STYLES:
             raise PlanError(f"plan rule {rule.match!r}: unknown style {rule.style!r}; use one of {list(STYLES)}")
         rules.append(rule)
@@ -83,6 +89,9 @@ def make_plan(gm: GraphModule, rules: list[Rule], tp: int) -> ShardPlan:
     """Match every rule against the graph's parameters and check every cut before any work."""
     if tp < 1:
         raise PlanError(f"tp={tp}: the tensor-parallel degree must be >= 1")
+    if any(r.style == "auto" for r in rules):
+        from tpcompile.autoplan import derive_rules
+        rules = derive_rules(gm, tp)
     params = param_nodes(gm)
     styles, owner = {}, {}
     for rule in rules:
@@ -105,8 +114,13 @@ def make_plan(gm: GraphModule, rules: list[Rule], tp: int) -> ShardPlan:
     for fqn, node in params.items():
         shape = tuple(node.meta["val"].shape)
         style = styles.setdefault(fqn, "replicate")
-        pl = placement_for(node, style, tp)
-        if isinstance(pl, Shard) and shape[pl.dim] % tp:
+        parts = owner[fqn].parts if fqn in owner else None
+        pl = placement_for(node, style, tp, parts)
+        if isinstance(pl, Shard) and pl.parts:
+            if sum(pl.parts) != shape[pl.dim] or any(p % tp for p in pl.parts):
+                raise PlanError(f"parameter {fqn} {list(shape)} is {style} with parts {list(pl.parts)}: the parts must "
+                                f"add up to {shape[pl.dim]} and each be divisible by tp={tp}")
+        elif isinstance(pl, Shard) and shape[pl.dim] % tp:
             raise PlanError(f"parameter {fqn} {list(shape)} is {style}: dim {pl.dim} of size {shape[pl.dim]} is not "
                             f"divisible by tp={tp}; choose a tp that divides {shape[pl.dim]} or make it replicate")
         placements[fqn], shapes[fqn] = pl, shape
@@ -128,19 +142,26 @@ def state_buffers(gm: GraphModule) -> list[str]:
     return found
 
 
-def placement_for(node: Node, style: str, tp: int) -> Placement:
+def placement_for(node: Node, style: str, tp: int, parts=None) -> Placement:
     if style in ("replicate", "state") or tp == 1:
         return R
-    ndim = node.meta["val"].dim()
+    ndim, parts = node.meta["val"].dim(), tuple(parts or ())
+    col = style == "colwise"
+    if style == "vocab":
+        return Shard(0, tp)  # embedding (V, C), head weight (V, C) and bias (V,)
     for user in node.users:
         position = user.args.index(node) if node in user.args else None
         if user.target == aten.linear.default and position == 1:
-            return Shard(0 if style == "colwise" else 1, tp)
+            return Shard(0, tp, parts) if col else Shard(1, tp)
         if user.target == aten.linear.default and position == 2:
-            return Shard(0, tp) if style == "colwise" else R
+            return Shard(0, tp, parts) if col else R
+        if user.target == aten.addmm.default and position == 2:  # W (in, out)
+            return Shard(1, tp, parts) if col else Shard(0, tp)
+        if user.target == aten.addmm.default and position == 0:
+            return Shard(0, tp, parts) if col else R
         if user.target == aten.embedding.default and position == 0:
-            return Shard(1 if style == "colwise" else 0, tp)
-    return Shard(0 if style == "colwise" else ndim - 1, tp)
+            return Shard(1 if col else 0, tp)
+    return Shard(0, tp, parts) if col else Shard(ndim - 1, tp)
 
 
 def with_fewer_ways(plan: ShardPlan, fqns: set[str], ways: int) -> None:

@@ -21,15 +21,15 @@ class Partition:
     changes: dict = field(default_factory=dict)  # pass name -> what it changed
 
 
-def partition(gm: GraphModule, plan: ShardPlan, group_name: str) -> Partition:
-    """Rewrite `gm` in place into the graph every rank runs."""
-    changes = {"split_rowwise_bias": split_rowwise_bias(gm, {f for f, s in plan.styles.items() if s == "rowwise"})}
+def settle(gm: GraphModule, plan: ShardPlan) -> tuple[Propagation, list, list]:
+    """Propagate until the plan is consistent: state buffers take the placement written into them,
+    parameters whose heads are fewer than tp are cut into fewer ways (plan.placements is updated).
+    Returns (propagation, kv replications, state placements)."""
     replicated_kv, state = [], []
     state_fqns = {f for f, s in plan.styles.items() if s == "state"}
     for _ in range(2 * len(plan.placements) + 1):
         try:
-            prop = propagate_placements(gm, plan.placements, plan.tp, state_fqns)
-            break
+            return propagate_placements(gm, plan.placements, plan.tp, state_fqns), replicated_kv, state
         except NeedPlacement as e:
             plan.placements[e.fqn] = e.placement
             state.append((e.fqn, str(e.placement)))
@@ -39,6 +39,13 @@ def partition(gm: GraphModule, plan: ShardPlan, group_name: str) -> Partition:
                 raise ShardingError(f"{e.node.format_node()}: size {e.size} cannot be cut into {e.ways} pieces") from None
             with_fewer_ways(plan, fqns, e.size)
             replicated_kv.append((e.node.name, sorted(fqns), e.size))
+    raise ShardingError("placements did not settle")
+
+
+def partition(gm: GraphModule, plan: ShardPlan, group_name: str) -> Partition:
+    """Rewrite `gm` in place into the graph every rank runs."""
+    changes = {"split_rowwise_bias": split_rowwise_bias(gm, {f for f, s in plan.styles.items() if s == "rowwise"})}
+    prop, replicated_kv, state = settle(gm, plan)
     changes["replicate_kv_heads"] = replicated_kv
     changes["place_state"] = state
     changes["propagate_placements"] = {

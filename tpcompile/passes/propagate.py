@@ -11,7 +11,7 @@ Input: the parameter placements from the plan. Output (a Propagation, the graph 
 Shape arguments are found by mapping the sharded dimension through each op (view groups, transpose,
 expand, ...) using the FakeTensor shapes that torch.export recorded; literal numbers are never matched.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 
 import torch
@@ -164,12 +164,12 @@ def _rule_pointwise(w: _Walk, node: Node):
     shards = {a: p for a, p in pls.items() if isinstance(p, Shard)}
     if not shards:
         return R
-    dims = {(_aligned(len(out_shape), a, p), p.ways) for a, p in shards.items()}
+    dims = {(_aligned(len(out_shape), a, p), p.ways, p.parts) for a, p in shards.items()}
     if len(dims) == 1:
-        (dim, ways), = dims
+        (dim, ways, parts), = dims
         # replicated operands must be broadcast along the cut dim, or each rank would need its own slice
         if all(_broadcast_along(a, len(out_shape), dim) for a in tensors if a not in shards):
-            return Shard(dim, ways)
+            return Shard(dim, ways, parts)
     for a in shards:
         w.require(node, a, R)
     return R
@@ -193,11 +193,12 @@ def _rule_linear(w: _Walk, node: Node):
         if bias is not None and pb != pw:
             raise ShardingError(f"{node.format_node()}: colwise weight {weight.target} needs its bias cut the same "
                                 f"way ({pw}), got {pb}; give the bias the weight's style")
-        return Shard(ndim - 1, pw.ways)
+        return Shard(ndim - 1, pw.ways, pw.parts)
     if isinstance(pw, Shard) and pw.dim == 1:
         if bias is not None:
             raise ShardingError(f"{node.format_node()}: rowwise linear still has its bias; run split_rowwise_bias first")
-        if not (isinstance(px, Shard) and px.dim == len(shape_of(x)) - 1 and px.ways == pw.ways == w.tp):
+        if not (isinstance(px, Shard) and px.dim == len(shape_of(x)) - 1 and px.ways == pw.ways == w.tp
+                and px.parts == pw.parts):
             raise ShardingError(
                 f"{node.format_node()}: rowwise weight {weight.target} needs its input cut on the last dim into "
                 f"tp={w.tp} pieces, but the input is {px}; make the layer that produces it colwise")
@@ -207,6 +208,25 @@ def _rule_linear(w: _Walk, node: Node):
     w.require(node, x, R)
     if bias is not None:
         w.require(node, bias, R)
+    return R
+
+
+def _rule_addmm(w: _Walk, node: Node):
+    """addmm(b, x, W) = x @ W + b with W (in, out) (GPT-2's Conv1D). colwise: W S(1), b S(0) -> y S(1).
+    rowwise: W S(0), x S(1) -> partial (split_rowwise_bias turned it into mm + add first)."""
+    bias, x, weight = node.args[:3]
+    px, pw, pb = w.pl(x), w.pl(weight), w.pl(bias)
+    if isinstance(pw, Shard) and pw.dim == 1:
+        w.require(node, x, R) if _sharded(px) else None
+        if pb != replace(pw, dim=0):
+            raise ShardingError(f"{node.format_node()}: colwise weight {weight.target} needs its bias cut the same "
+                                f"way, got {pb}; give the bias the weight's style")
+        return replace(pw, dim=1)
+    if isinstance(pw, Shard) or _sharded(pb):
+        raise ShardingError(f"{node.format_node()}: rowwise addmm still has its bias; run split_rowwise_bias first")
+    if isinstance(px, Shard) and px.dim == 0:
+        return px  # rows are independent
+    w.require(node, x, R)
     return R
 
 
@@ -284,6 +304,8 @@ def _rule_view(w: _Walk, node: Node):
             break
         j = outer_out[0]
         size = out_shape[j]
+        if px.parts and size != in_shape[px.dim]:
+            break  # a fused dim is regrouped before its parts are split off: no local equivalent
         if size % px.ways:
             if px.ways % size == 0:
                 raise NeedFewerWays(node, px.ways, size, w.origin(x))
@@ -296,14 +318,14 @@ def _rule_view(w: _Walk, node: Node):
                 raise ShardingError(f"{node.format_node()}: the cut dim {j} has a symbolic size; cannot shard it")
             shape_arg[j] = size // px.ways
             w.rewrite(node, 1, shape_arg)
-        return Shard(j, px.ways)
+        return Shard(j, px.ways, px.parts)
     w.require(node, x, R)
     w.out.fallbacks.append(node)
     return R
 
 
 def _map_dim(px, fn):
-    return Shard(fn(px.dim), px.ways) if isinstance(px, Shard) else px
+    return replace(px, dim=fn(px.dim)) if isinstance(px, Shard) else px
 
 
 def _rule_transpose(w: _Walk, node: Node):
@@ -339,12 +361,23 @@ def _rule_squeeze(w: _Walk, node: Node):
 
 
 def _rule_expand(w: _Walk, node: Node):
-    """expand keeps the cut dim; its size argument must be the local size."""
+    """expand keeps the cut dim; its size argument must be the local size.
+    GQA as expand + reshape, (B, kv, 1, T, D) -> (B, kv, n_rep, T, D) -> (B, kv * n_rep, T, D), with kv heads
+    cut into ways < tp pieces: the copies are identical, so each rank expands to n_rep * ways / tp and the
+    merged head dim is cut into tp pieces: kv/ways * n_rep*ways/tp = heads/tp, rank r's q heads' kv head."""
     x, sizes = node.args[0], list(node.args[1])
     px = w.pl(x)
     if not isinstance(px, Shard):
         return px
     d = px.dim + len(sizes) - len(shape_of(x))
+    in_shape, out_shape = (1,) * (len(sizes) - len(shape_of(x))) + shape_of(x), shape_of(node)
+    if px.ways < w.tp and d + 1 < len(sizes) and in_shape[d + 1] == 1 and out_shape[d + 1] * px.ways % w.tp == 0 \
+            and node.users and all(u.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+                                   and len(shape_of(u)) < len(out_shape) for u in node.users):
+        sizes[d] = out_shape[d] // px.ways
+        sizes[d + 1] = out_shape[d + 1] * px.ways // w.tp
+        w.rewrite(node, 1, sizes)
+        return Shard(d, w.tp)  # read by the merging reshape only: (kv * n_rep) / tp per rank
     if sizes[d] != -1:
         sizes[d] = shape_of(node)[d] // px.ways
         w.rewrite(node, 1, sizes)
@@ -413,11 +446,23 @@ def _rule_softmax(w: _Walk, node: Node):
 
 
 def _rule_split(w: _Walk, node: Node):
-    """chunk/split along an uncut dim: every part keeps the cut. Along the cut dim (fused weights): gather."""
+    """chunk/split along an uncut dim: every part keeps the cut. Along a dim cut by parts (fused weights)
+    into exactly those parts: each part stays cut, split sizes become local (chunk(n) needs no rewrite):
+        split(qkv S/2[32,32,32], 32) -> split(qkv, 16) -> q, k, v S/2.  Along any other cut dim: gather."""
     x = node.args[0]
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     px = w.pl(x)
     n = len(node.meta["val"])
+    sizes = tuple(v.shape[dim] for v in node.meta["val"])
+    if isinstance(px, Shard) and px.dim == dim % len(shape_of(x)) and px.parts == sizes and px.ways == w.tp:
+        if node.target == aten.split.Tensor:
+            if len(set(sizes)) != 1:
+                _rule_fallback(w, node)
+                return [R] * n
+            w.rewrite(node, 1, sizes[0] // px.ways)
+        elif node.target == aten.split_with_sizes.default:
+            w.rewrite(node, 1, [s // px.ways for s in sizes])
+        return [Shard(px.dim, px.ways)] * n
     if isinstance(px, Shard) and px.dim == dim % len(shape_of(x)):
         w.require(node, x, R)
         w.out.fallbacks.append(node)
@@ -426,9 +471,25 @@ def _rule_split(w: _Walk, node: Node):
 
 
 def _rule_slice(w: _Walk, node: Node):
+    """slice along a dim cut by parts, at exactly one part's bounds: bounds become local.
+        slice(qkv S/2[32,16,16], 2, 32, 48) -> slice(qkv, 2, 16, 24) -> k S/2"""
     x = node.args[0]
     dim = node.args[1] if len(node.args) > 1 else 0
     px = w.pl(x)
+    if isinstance(px, Shard) and px.parts and px.dim == dim % len(shape_of(x)) and px.ways == w.tp:
+        total = shape_of(x)[px.dim]
+        start, end = (list(node.args[2:4]) + [None, None])[:2]
+        step = node.args[4] if len(node.args) > 4 else 1
+        start = 0 if start is None else start + total if start < 0 else start
+        end = total if end is None else min(end + total if end < 0 else end, total)
+        bounds = [sum(px.parts[:i]) for i in range(len(px.parts) + 1)]
+        if step == 1 and any((lo, hi) == (start, end) for lo, hi in zip(bounds, bounds[1:])):
+            args = list(node.args) + [None] * (4 - len(node.args))
+            new = [start // px.ways, end // px.ways]
+            for i, v in zip((2, 3), new):
+                if args[i] != v and not (i == 3 and args[i] is not None and args[i] >= total):
+                    w.rewrite(node, i, v)
+            return Shard(px.dim, px.ways)
     if isinstance(px, Shard) and px.dim == dim % len(shape_of(x)):
         w.out.fallbacks.append(node)
         return w.require(node, x, R)
@@ -503,6 +564,7 @@ POINTWISE = [
 RULES = {op: _rule_pointwise for op in POINTWISE}
 RULES.update({
     aten.linear.default: _rule_linear,                      # colwise -> S(-1); rowwise -> P(sum)
+    aten.addmm.default: _rule_addmm,                        # Conv1D: W (in, out) S(1) -> S(-1)
     aten.embedding.default: _rule_embedding,                # W S(1) -> S(-1)
     aten.matmul.default: _rule_matmul, aten.bmm.default: _rule_matmul, aten.mm.default: _rule_matmul,
     aten.view.default: _rule_view,                          # [B,T,H*D] S(2) -> [B,T,H,D] S(2), H -> H/tp
