@@ -43,6 +43,7 @@ class Manifest:
     graphs: dict                # graph name ("forward", or "prefill" + "decode") -> {files, inputs}
     params: dict                # fqn -> {style, placement, global, local}
     state: dict = field(default_factory=dict)       # fqn -> {shape (local), dtype}: zeros at load (KV cache)
+    fused: dict = field(default_factory=dict)       # fused weight -> the fqns concatenated (dim 0, local pieces)
     generation: dict | None = None                  # max_batch, max_seq, prefill_chunk, vocab_size, ...
     files: dict = field(default_factory=dict)  # file name -> sha256
     changes: dict = field(default_factory=dict)

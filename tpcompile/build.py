@@ -4,6 +4,7 @@
     preflight(...) -> the same up to the passes, no weights and no engine (`tpcompile inspect`)
 """
 import time
+from math import prod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from tpcompile.lower import backend as get_backend, build_info
 from tpcompile.passes import Partition, partition
 from tpcompile.passes.fuse_linears import fuse_linears
 from tpcompile.placement import shard_tensor
-from tpcompile.plan import Rule, make_plan, plan_table
+from tpcompile.plan import Rule, make_plan, plan_table, rules_yaml
+from tpcompile.progress import progress
 from tpcompile.safetensors_io import StreamWriter
 from tpcompile.weights import Source
 
@@ -28,9 +30,16 @@ class Preflight:
     partition: Partition
     table: str
     seconds: float
+    itemsize: int = 4
 
     def report(self) -> str:
-        lines = [self.table, "", "passes:"]
+        plan = self.partition.plan
+        lines = [self.table, "", "plan (a rule file plan= accepts):", rules_yaml(plan.rules)]
+        unsharded = [f"{f} {'x'.join(map(str, s))}" for f, s in plan.shapes.items()
+                     if plan.styles[f] == "replicate" and len(s) >= 2]
+        if plan.notes or unsharded:
+            lines += ["left replicated (could be sharded):"] + [f"  {x}" for x in plan.notes + unsharded]
+        lines += ["", *self.collectives(), "", "passes:"]
         for name, what in self.partition.changes.items():
             count = len(what) if isinstance(what, list) else what
             lines.append(f"  {name}: {count}")
@@ -38,12 +47,36 @@ class Preflight:
                 lines.extend(f"    {item}" for item in what)
         return "\n".join(lines)
 
+    def collectives(self) -> list[str]:
+        """Every collective with the bytes it carries per token (the value's size / tokens in the input);
+        a ring all-reduce sends 2 (tp-1)/tp of that per rank, an all-gather (tp-1)/tp."""
+        part, tp = self.partition, self.partition.plan.tp
+        nodes = {n.name: n for n in part.gm.graph.nodes}
+        first = next((n for n in nodes.values() if n.op == "placeholder"), None)
+        shape = tuple(first.meta["val"].shape) if first is not None and "val" in first.meta else (1,)
+        tokens = max(1, prod(shape) if first is None or not first.meta["val"].is_floating_point()
+                     else prod(shape[:-1]))
+        groups, sent = {}, 0.0
+        for kind, producer, _ in part.changes.get("insert_collectives", []):
+            if kind == "reuse" or producer not in nodes:
+                continue
+            value = tuple(nodes[producer].meta["val"].shape)
+            per_token = prod(value) * self.itemsize / tokens
+            groups.setdefault((kind, value, per_token), []).append(producer)
+            sent += per_token * (2 if kind == "all_reduce" else 1) * (tp - 1) / tp
+        lines = [f"collectives per forward ({tokens} tokens):"]
+        for (kind, value, per_token), producers in groups.items():
+            lines.append(f"  {kind} x{len(producers)} of {'x'.join(map(str, value))}: {per_token:.0f} B/token each "
+                         f"(after {', '.join(producers[:3])}{', ...' if len(producers) > 3 else ''})")
+        lines.append(f"  sent per rank: {sent:.0f} B/token (ring algorithms)")
+        return lines
+
 
 def preflight(gm: GraphModule, rules: list[Rule], tp: int, itemsize: int) -> Preflight:
     start = time.perf_counter()
     plan = make_plan(gm, rules, tp)
     part = partition(gm, plan, GROUP_NAME)
-    return Preflight(part, plan_table(plan, itemsize), time.perf_counter() - start)
+    return Preflight(part, plan_table(plan, itemsize), time.perf_counter() - start, itemsize)
 
 
 @dataclass
@@ -61,14 +94,14 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
     (KV caches) are recorded and made at load, so prefill and decode share both."""
     lower, _ = get_backend(backend)
     key = cache_key({**key_parts, "graphs": {n: [g.gm.code, g.input_specs] for n, g in graphs.items()},
-                     "rules": [[r.match, r.style] for r in rules], "tp": tp, "backend": backend,
+                     "rules": [[r.match, r.style] + ([list(r.parts)] if r.parts else []) for r in rules], "tp": tp, "backend": backend,
                      "dtype": str(dtype), "device": device, "generation": generation, "fuse": fuse})
     final = Path(out_root) / key
     if (final / MANIFEST).is_file():
         log(f"artifact {final} exists: reusing it")
         return final
     itemsize = torch.finfo(dtype).bits // 8
-    pres = {name: preflight(g.gm, rules, tp, itemsize) for name, g in graphs.items()}
+    pres = {name: preflight(g.gm, rules, tp, itemsize) for name, g in progress(graphs.items(), "passes", len(graphs))}
     plan = next(iter(pres.values())).partition.plan
     for name, pre in pres.items():
         if pre.partition.plan.placements != plan.placements:
@@ -92,7 +125,7 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
     staging = staging_dir(Path(out_root), key)
     try:
         entries, codes = {}, []
-        for name, g in graphs.items():
+        for name, g in progress(graphs.items(), f"engines ({backend})", len(graphs)):
             program = rank_program(pres[name].partition.gm, local_shapes, dtypes, g.example_args, trace_device)
             codes.append(program.graph_module.code)
             entries[name] = {"files": lower(program, staging, name, device=device), "inputs": g.input_specs}
@@ -104,7 +137,7 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
                       "global": list(plan.shapes[f]), "local": list(local_shapes[f])} for f in plan.shapes}
         manifest = Manifest(key=key, tp=tp, backend=backend, dtype=str(dtype).removeprefix("torch."), device=device,
                             pg_name=GROUP_NAME, graph_hash=cache_key({"code": codes}), plan_hash=plan.digest(),
-                            graphs=entries, params=params, generation=generation,
+                            graphs=entries, params=params, generation=generation, fused=fused,
                             state={f: {"shape": list(local_shapes[f]), "dtype": str(dtype).removeprefix("torch.")}
                                    for f in state},
                             changes=_jsonable({n: p.partition.changes for n, p in pres.items()}),
@@ -124,7 +157,7 @@ def _write_rank_weights(out: Path, plan, fqns: list[str], source: Source, dtypes
     specs = {f: (local_shapes[f], dtypes[f]) for f in fqns}
     writers = [StreamWriter(out / f"rank{r}.safetensors", specs, {"format": "pt"}) for r in range(tp)]
     try:
-        for fqn in fqns:
+        for fqn in progress(fqns, f"weights -> {tp} rank file(s)", len(fqns), unit="tensor"):
             if fqn in fused:
                 pieces = [[] for _ in range(tp)]
                 for part in fused[fqn]:
@@ -134,7 +167,7 @@ def _write_rank_weights(out: Path, plan, fqns: list[str], source: Source, dtypes
                 for r, w in enumerate(writers):
                     w.write(fqn, torch.cat(pieces[r], dim=0))
                 continue
-            t = source(fqn).to(dtypes[fqn])
+            t = (plan.extra[fqn] if fqn in plan.extra else source(fqn)).to(dtypes[fqn])
             if tuple(t.shape) != tuple(plan.shapes[fqn]):
                 raise ValueError(f"weight {fqn}: the source gave {list(t.shape)}, the graph needs "
                                  f"{list(plan.shapes[fqn])}")

@@ -326,7 +326,7 @@ def export_checkpoint(artifact, out_dir, max_shard_size="5GB") -> list[Path]:
             specs = {name: (tuple(m.params[fqn]["global"]), dt) for name, fqn, dt in group}
             with StreamWriter(staging / file, specs, {"format": "pt"}) as w:
                 for name, fqn, dt in group:
-                    t = _merge(fqn, m.params[fqn]["placement"], ranks, m.tp).to(dt)
+                    t = _merge(fqn, m.params[fqn]["placement"], lambda f, r: _piece(m, ranks, f, r), m.tp).to(dt)
                     w.write(name, t)
                     total += t.numel() * t.element_size()
                     weight_map[name] = file
@@ -344,15 +344,26 @@ def export_checkpoint(artifact, out_dir, max_shard_size="5GB") -> list[Path]:
     return [out_dir / n for n in names]
 
 
-def _merge(fqn: str, placement: str, ranks: list[dict], tp: int) -> torch.Tensor:
+def _piece(m, ranks: list[dict], fqn: str, rank: int) -> torch.Tensor:
+    """Rank `rank`'s local tensor of `fqn`, also when fuse_linears stored it inside a fused weight."""
+    if fqn in ranks[rank]:
+        return read_tensor(ranks[rank][fqn])
+    for name, parts in m.fused.items():
+        if fqn in parts:
+            sizes = [m.params[p]["local"][0] for p in parts]
+            return read_tensor(ranks[rank][name]).split(sizes, 0)[parts.index(fqn)]
+    raise CheckpointError(f"parameter {fqn}: not in rank {rank}'s file; recompile the artifact")
+
+
+def _merge(fqn: str, placement: str, piece, tp: int) -> torch.Tensor:
     """Rank pieces -> the global tensor. 'S(d)/w': piece p lives on rank p * tp // w; 'R': rank 0 has it all."""
     if placement == "R":
-        return read_tensor(ranks[0][fqn])
+        return piece(fqn, 0)
     m = re.fullmatch(r"S\((-?\d+)\)/(\d+)", placement)
     if not m:
         raise CheckpointError(f"parameter {fqn}: placement {placement!r} cannot be merged into one tensor")
     dim, ways = int(m[1]), int(m[2])
-    return torch.cat([read_tensor(ranks[p * tp // ways][fqn]) for p in range(ways)], dim=dim)
+    return torch.cat([piece(fqn, p * tp // ways) for p in range(ways)], dim=dim)
 
 
 def _numel(shape) -> int:

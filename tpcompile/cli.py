@@ -21,6 +21,8 @@ commands:
             from a checkpoint (model=hf model.path=DIR) back into a Hugging Face checkpoint
   health    tpcompile health ARTIFACT: check every file's sha256, start the workers, report each rank's
             state and memory (RSS; CUDA memory on GPU)
+  report    tpcompile report SWEEP_DIR [--no-plots]: one table (report.md, report.csv) and plots (PNG) from
+            the bench.json / verify.json of every job of a sweep (tpcompile bench -m tp=1,2 ...)
 
 overrides: model=llama_tiny|llama_1b|llama_8b|mlp plan=megatron|mlp|replicate backend=eager|inductor|aoti|onnx|tensorrt
            tp=2 dtype=float32 runtime.device=cpu|cuda   (tpcompile verify -m tp=1,2,4 sweeps)"""
@@ -39,6 +41,9 @@ def main(argv=None) -> None:
         sys.exit(health_main(argv, debug))
     if command == "export-checkpoint":  # takes paths, not a config: no Hydra
         sys.exit(_export_checkpoint(argv, debug))
+    if command == "report":  # takes a sweep dir, not a config: no Hydra
+        from tpcompile.report import main as report_main
+        sys.exit(report_main(argv, debug))
     if command not in COMMANDS:
         print(f"tpcompile: unknown command {command!r}; use one of {sorted(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
@@ -104,6 +109,19 @@ def _task(command: str, debug: bool):
     return task
 
 
+def _run_dir() -> Path:
+    """This job's Hydra output dir (outputs/runs/<time>, or the sweep's job dir); "." outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(".")
+
+
+def _worker_logs() -> str | None:
+    """Per-rank logs (rank{r}.log) next to the job's record, kept after the run; outside Hydra (the cmd_*
+    functions called from Python) None: the launcher's temp dir, removed after a healthy run."""
+    from hydra.core.hydra_config import HydraConfig
+    return str(_run_dir() / "workers") if HydraConfig.initialized() else None
+
+
 def _one_line(e: Exception) -> str:
     cause = e
     while cause.__cause__ is not None and not str(cause):  # config errors wrap the real one
@@ -133,13 +151,15 @@ def _prepare(job):
     from hydra.utils import instantiate
 
     from tpcompile.capture import capture, dtype_of, example_inputs
+    from tpcompile.progress import progress
     from tpcompile.weights import random_source
     dtype = dtype_of(job.dtype)
     with torch.device("meta"):
         model = instantiate(job.model.graph, _convert_="all").to(dtype)
     specs = [dict(name=s.name, shape=list(s.shape), dtype=s.dtype, high=s.high) for s in job.model.inputs]
     meta_args = example_inputs(specs, device="meta")
-    gm = capture(model, meta_args)
+    for _ in progress(range(1), "capture"):
+        gm = capture(model, meta_args)
     return model, gm, specs, meta_args, random_source(model, job.model.seed), dtype
 
 
@@ -149,7 +169,7 @@ def _build(job):
     if job.model.path:  # model=hf: a checkpoint directory
         return _build_pretrained(job)
     model, gm, specs, meta_args, source, dtype = _prepare(job)
-    rules = load_rules([{"match": r.match, "style": r.style} for r in job.plan.rules])
+    rules = load_rules([{"match": r.match, "style": r.style, "parts": r.parts} for r in job.plan.rules])
     path = build({"forward": GraphSpec(gm, meta_args, specs)}, rules=rules, tp=job.tp, backend=job.backend.name,
                  source=source, dtype=dtype, device=job.runtime.device, out_root=Path(job.out_dir),
                  key_parts={"model": job.model.graph, "seed": job.model.seed})
@@ -161,7 +181,7 @@ def _build_pretrained(job):
     from tpcompile.capture import dtype_of
     from tpcompile.plan import load_rules
     dtype = dtype_of(job.dtype)
-    rules = load_rules([{"match": r.match, "style": r.style} for r in job.plan.rules])
+    rules = load_rules([{"match": r.match, "style": r.style, "parts": r.parts} for r in job.plan.rules])
     path, ckpt, model, specs = build_pretrained(job.model.path, tp=job.tp, rules=rules, backend=job.backend.name,
                                                 dtype=dtype, input_shape=tuple(job.model.inputs[0].shape),
                                                 out_root=Path(job.out_dir), device=job.runtime.device)
@@ -197,7 +217,7 @@ def _run_on_workers(job, path, args):
     from tpcompile.api import Artifact
     artifact = Artifact(path)
     with artifact.session(start_timeout_s=job.runtime.start_timeout_s, call_timeout_s=job.runtime.call_timeout_s,
-                          heartbeat_timeout_s=job.runtime.heartbeat_timeout_s,
+                          heartbeat_timeout_s=job.runtime.heartbeat_timeout_s, log_dir=_worker_logs(),
                           max_restarts=job.runtime.max_restarts) as session:
         return session(*args)
 
@@ -243,13 +263,22 @@ def cmd_inspect(job) -> dict:
     t0 = time.perf_counter()
     model, gm, specs, *_ , dtype = _prepare(job)
     capture_s = time.perf_counter() - t0
-    rules = load_rules([{"match": r.match, "style": r.style} for r in job.plan.rules])
+    rules = load_rules([{"match": r.match, "style": r.style, "parts": r.parts} for r in job.plan.rules])
     pre = preflight(gm, rules, job.tp, torch.finfo(dtype).bits // 8)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(pre.report())
+    from hydra.core.hydra_config import HydraConfig
+    if any(r.style == "auto" for r in rules) and HydraConfig.initialized():  # reusable: plan=<run dir>/plan.yaml
+        from tpcompile.plan import rules_yaml
+        (_run_dir() / "plan.yaml").write_text(rules_yaml(pre.partition.plan.rules, pre.partition.plan.notes))
     print(f"\ncapture {capture_s:.2f} s, plan + passes {pre.seconds:.2f} s, peak RSS {peak / 2**20:.0f} MiB "
           f"(no weights allocated)")
     counts = {k: len(v) if isinstance(v, list) else v for k, v in pre.partition.changes.items()}
+    if job.render:  # a picture of one layer; the text plan above stands without it
+        from tpcompile.render import render
+        pic = render(pre.partition, job.render_layer, _run_dir())
+        print(f"\n{pic.layer or 'whole graph'} (render_layer={job.render_layer}):\n{pic.text}\n{pic.message}")
+        counts["render"] = str(pic.svg_path or pic.dot_path)  # the picture's path, in inspect.json
     return {"capture_seconds": capture_s, "pass_seconds": pre.seconds, "peak_rss_bytes": peak, "changes": counts}
 
 
@@ -261,6 +290,7 @@ def build_generation(job):
     from tpcompile.build import GraphSpec, build
     from tpcompile.capture import capture, dtype_of
     from tpcompile.plan import load_rules
+    from tpcompile.progress import progress
     from tpcompile.weights import random_source
     from hydra.utils import instantiate
     dtype = dtype_of(job.dtype)
@@ -282,7 +312,7 @@ def build_generation(job):
         model.setup_cache(job.max_batch, job.max_seq, dtype)
     B, C = job.max_batch, job.prefill_chunk
     graphs = {}
-    for name, T in (("prefill", C), ("decode", 1)):
+    for name, T in progress((("prefill", C), ("decode", 1)), "capture"):
         specs = [dict(name="input_ids", shape=[B, T], dtype="int64", high=None),
                  dict(name="input_pos", shape=[T], dtype="int64", high=job.max_seq),
                  dict(name="pad", shape=[B], dtype="int64", high=job.max_seq)]
@@ -293,7 +323,7 @@ def build_generation(job):
     vocab = out.args[0][0].meta["val"].shape[-1] if isinstance(out.args[0], (tuple, list)) else out.args[0].meta["val"].shape[-1]
     for g in graphs.values():
         g.input_specs[0]["high"] = vocab
-    rules = load_rules([{"match": r.match, "style": r.style} for r in job.plan.rules])
+    rules = load_rules([{"match": r.match, "style": r.style, "parts": r.parts} for r in job.plan.rules])
     generation = {"max_batch": B, "max_seq": job.max_seq, "prefill_chunk": C, "vocab_size": vocab}
     path = build(graphs, rules=rules, tp=job.tp, backend=job.backend.name, source=source, dtype=dtype,
                  device=job.runtime.device, out_root=Path(job.out_dir), generation=generation, key_parts=key_parts,
@@ -329,7 +359,8 @@ def cmd_generate(job) -> dict:
 
     artifact = Artifact(path)
     t0 = time.perf_counter()
-    with artifact.session(start_timeout_s=job.runtime.start_timeout_s, call_timeout_s=job.runtime.call_timeout_s) as s:
+    with artifact.session(start_timeout_s=job.runtime.start_timeout_s, call_timeout_s=job.runtime.call_timeout_s,
+                          log_dir=_worker_logs()) as s:
         started = time.perf_counter()
         tokens = s.generate([prompt], job.max_new_tokens, job.temperature, top_k=job.top_k, top_p=job.top_p,
                             seed=job.seed, eos_token_id=eos, on_tokens=stream)[0]
@@ -352,7 +383,7 @@ def cmd_bench(job) -> dict:
                          f"passes max_seq={job.max_seq}; raise max_seq or lower them")
     path = build_generation(job)
     with Artifact(path).session(start_timeout_s=job.runtime.start_timeout_s,
-                                call_timeout_s=job.runtime.call_timeout_s) as s:
+                                call_timeout_s=job.runtime.call_timeout_s, log_dir=_worker_logs()) as s:
         raw = s.group.call("bench", {"prompt_len": b.prompt_len, "new_tokens": b.new_tokens,
                                      "batch": job.max_batch, "profile_steps": b.profile_steps})[0]
     record = summarize(raw, batch=job.max_batch, prompt_len=b.prompt_len, new_tokens=b.new_tokens)

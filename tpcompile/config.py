@@ -35,7 +35,8 @@ class ModelConfig:
 @dataclass
 class RuleConfig:
     match: str = MISSING               # glob over parameter fqns
-    style: str = MISSING               # colwise | rowwise | replicate
+    style: str = MISSING               # colwise | rowwise | replicate | vocab | auto
+    parts: Optional[list[int]] = None  # a fused weight's part sizes along the cut dim (plan "auto" writes them)
 
 
 @dataclass
@@ -103,6 +104,9 @@ class JobConfig:
     top_p: float = 1.0                 # 1.0: off
     seed: int = 0                      # sampling seed (rank 0 samples and broadcasts)
     eos_token_id: Optional[int] = None # stop a row at this token
+    # inspect: a picture of one layer of the partitioned graph (SVG with Graphviz's dot; DOT + text always)
+    render: bool = False               # inspect: write layer<render_layer>.{dot,svg,txt} into the run dir
+    render_layer: int = 0              # which layer: the index under the first numbered module container
 
     def __post_init__(self):
         if self.tp < 1:

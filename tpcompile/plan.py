@@ -16,7 +16,7 @@ plan "auto" (the rule {match: "*", style: auto}) derives the rules from the grap
 import fnmatch
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +47,9 @@ class ShardPlan:
     styles: dict[str, str]            # fqn -> style (unmatched parameters: replicate; written buffers: state)
     placements: dict[str, Placement]  # fqn -> placement of the global tensor
     shapes: dict[str, tuple]          # fqn -> global shape
+    extra: dict = field(default_factory=dict)  # fqn -> global tensor made by a pass (not in the source)
+    notes: list = field(default_factory=list)  # what plan "auto" left replicated, and why
+    applied: dict = field(default_factory=dict)  # pass name -> what plan "auto" already changed in the graph
 
     def local_shape(self, fqn: str) -> tuple:
         return local_shape(self.shapes[fqn], self.placements[fqn])
@@ -89,9 +92,11 @@ def make_plan(gm: GraphModule, rules: list[Rule], tp: int) -> ShardPlan:
     """Match every rule against the graph's parameters and check every cut before any work."""
     if tp < 1:
         raise PlanError(f"tp={tp}: the tensor-parallel degree must be >= 1")
+    notes, applied = [], {}
     if any(r.style == "auto" for r in rules):
-        from tpcompile.autoplan import derive_rules
-        rules = derive_rules(gm, tp)
+        from tpcompile.autoplan import derive_plan
+        auto = derive_plan(gm, tp)
+        rules, notes, applied = auto.rules, auto.notes, {"split_rowwise_bias": auto.split}
     params = param_nodes(gm)
     styles, owner = {}, {}
     for rule in rules:
@@ -120,11 +125,11 @@ def make_plan(gm: GraphModule, rules: list[Rule], tp: int) -> ShardPlan:
             if sum(pl.parts) != shape[pl.dim] or any(p % tp for p in pl.parts):
                 raise PlanError(f"parameter {fqn} {list(shape)} is {style} with parts {list(pl.parts)}: the parts must "
                                 f"add up to {shape[pl.dim]} and each be divisible by tp={tp}")
-        elif isinstance(pl, Shard) and shape[pl.dim] % tp:
+        elif isinstance(pl, Shard) and shape[pl.dim] % tp and style != "vocab":  # vocab: padded
             raise PlanError(f"parameter {fqn} {list(shape)} is {style}: dim {pl.dim} of size {shape[pl.dim]} is not "
                             f"divisible by tp={tp}; choose a tp that divides {shape[pl.dim]} or make it replicate")
         placements[fqn], shapes[fqn] = pl, shape
-    return ShardPlan(tp, rules, styles, placements, shapes)
+    return ShardPlan(tp, rules, styles, placements, shapes, notes=notes, applied=applied)
 
 
 def state_buffers(gm: GraphModule) -> list[str]:
@@ -159,21 +164,40 @@ def placement_for(node: Node, style: str, tp: int, parts=None) -> Placement:
             return Shard(1, tp, parts) if col else Shard(0, tp)
         if user.target == aten.addmm.default and position == 0:
             return Shard(0, tp, parts) if col else R
+        if user.target == aten.mm.default and position == 1:  # a rowwise addmm after split_rowwise_bias
+            return Shard(1, tp, parts) if col else Shard(0, tp)
         if user.target == aten.embedding.default and position == 0:
             return Shard(1 if col else 0, tp)
     return Shard(0, tp, parts) if col else Shard(ndim - 1, tp)
 
 
-def with_fewer_ways(plan: ShardPlan, fqns: set[str], ways: int) -> None:
-    """Cut these parameters into `ways` pieces shared by tp // ways ranks each (kv-head replication)."""
+def with_fewer_ways(plan: ShardPlan, fqns: set[str], ways: int, part: int | None = None) -> None:
+    """Cut these parameters into `ways` pieces shared by tp // ways ranks each (kv-head replication);
+    of a fused parameter (Shard.parts), only part `part`."""
     for fqn in fqns:
         pl = plan.placements[fqn]
-        if isinstance(pl, Shard) and pl.ways > ways:
+        if isinstance(pl, Shard) and pl.parts:
+            if part is None or plan.tp % ways:
+                raise PlanError(f"parameter {fqn}: fused parts {list(pl.parts)} with {ways} heads cannot be spread "
+                                f"over tp={plan.tp} ranks; choose a tp that divides the head counts")
+            per_part = list(pl.ways_of_parts())
+            per_part[part] = min(per_part[part], ways)
+            plan.placements[fqn] = Shard(pl.dim, pl.ways, pl.parts, tuple(per_part))
+        elif isinstance(pl, Shard) and pl.ways > ways:
             if plan.tp % ways:
                 raise PlanError(f"parameter {fqn}: its {ways} heads cannot be spread over tp={plan.tp} ranks "
                                 f"(tp must divide or be a multiple of {ways}); choose tp in "
                                 f"{[d for d in range(1, 2 * ways + 1) if d % ways == 0 or ways % d == 0]}")
             plan.placements[fqn] = Shard(pl.dim, ways)
+
+
+def rules_yaml(rules: list[Rule], notes=()) -> str:
+    """The rules as a YAML rule file (conf/plan/*.yaml), notes as comments."""
+    lines = ["rules:"]
+    for r in rules:
+        parts = f", parts: {list(r.parts)}" if r.parts else ""
+        lines.append(f'  - {{match: "{r.match}", style: {r.style}{parts}}}')
+    return "\n".join(lines + [f"# {n}" for n in notes]) + "\n"
 
 
 def plan_table(plan: ShardPlan, itemsize: int) -> str:

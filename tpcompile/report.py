@@ -20,16 +20,16 @@ from pathlib import Path
 
 COMMANDS = ("bench", "verify")  # the records a report reads
 BENCH_COLUMNS = [  # (key, header, format)
-    ("job", "job", "{}"), ("model", "model", "{}"), ("backend", "backend", "{}"), ("dtype", "dtype", "{}"),
-    ("tp", "tp", "{}"), ("batch", "batch", "{}"), ("decode_ms_p50", "decode p50 ms", "{:.3f}"),
+    ("job", "job", "{}"), ("swept", "swept overrides", "{}"), ("model", "model", "{}"),
+    ("backend", "backend", "{}"), ("dtype", "dtype", "{}"), ("tp", "tp", "{}"), ("batch", "batch", "{}"), ("decode_ms_p50", "decode p50 ms", "{:.3f}"),
     ("decode_ms_p95", "p95 ms", "{:.3f}"), ("decode_ms_p99", "p99 ms", "{:.3f}"),
     ("decode_tokens_per_s", "tokens/s", "{:.1f}"), ("speedup", "speed-up", "{:.2f}"),
     ("efficiency", "efficiency", "{:.0%}"), ("collective_share", "collective share", "{:.0%}"),
     ("prefill_ms", "prefill ms", "{:.2f}"), ("peak_memory_mib", "peak MiB/rank", "{:.0f}"),
 ]
 VERIFY_COLUMNS = [
-    ("job", "job", "{}"), ("model", "model", "{}"), ("backend", "backend", "{}"), ("dtype", "dtype", "{}"),
-    ("tp", "tp", "{}"), ("ok", "ok", "{}"), ("max_abs_err", "max abs err", "{:.3e}"),
+    ("job", "job", "{}"), ("swept", "swept overrides", "{}"), ("model", "model", "{}"),
+    ("backend", "backend", "{}"), ("dtype", "dtype", "{}"), ("tp", "tp", "{}"), ("ok", "ok", "{}"), ("max_abs_err", "max abs err", "{:.3e}"),
     ("max_rel_err", "max rel err", "{:.3e}"), ("tolerance", "tolerance", "{:.0e}"), ("seconds", "seconds", "{:.1f}"),
 ]
 PLOTS = ("decode.png", "speedup.png", "percentiles.png")
@@ -121,6 +121,9 @@ def report(sweep_dir, plots: bool = True) -> Report:
     """Read the sweep's records, write report.md, report.csv and (plots=True) the PNGs into sweep_dir."""
     sweep_dir = Path(sweep_dir)
     rows = sorted(load_records(sweep_dir), key=lambda r: (tuple(map(str, _series(r))), r.get("tp", 0), r["job"]))
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows))
+    for r in rows:  # what differs between the jobs: the sweep's axes
+        r["swept"] = " ".join(o for o in r["overrides"].split() if o not in common)
     rep = Report(sweep_dir, rows, notes=add_speedup(rows))
     if plots and rep.bench_rows():
         rep.files += plot(rep.bench_rows(), sweep_dir)

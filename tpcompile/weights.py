@@ -16,6 +16,8 @@ Source = Callable[[str], torch.Tensor]  # fqn -> global tensor
 
 def module_source(model: nn.Module) -> Source:
     state = model.state_dict(keep_vars=False)
+    # non-persistent buffers (rotary inv_freq) are not in the state dict but the graph reads them
+    state.update((n, b) for n, b in model.named_buffers(remove_duplicate=False) if n not in state)
     return lambda fqn: state[fqn].detach()
 
 

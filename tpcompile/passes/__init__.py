@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from torch.fx import GraphModule
 
 from tpcompile.passes.insert_collectives import insert_collectives
+from tpcompile.passes.mask_vocab_lookup import mask_vocab_lookup
 from tpcompile.passes.propagate import (NeedFewerWays, NeedPlacement, Propagation, ShardingError,
                                         propagate_placements)
 from tpcompile.passes.rewrite_shapes import rewrite_shapes
@@ -37,14 +38,15 @@ def settle(gm: GraphModule, plan: ShardPlan) -> tuple[Propagation, list, list]:
             fqns = e.origins
             if not fqns:
                 raise ShardingError(f"{e.node.format_node()}: size {e.size} cannot be cut into {e.ways} pieces") from None
-            with_fewer_ways(plan, fqns, e.size)
+            with_fewer_ways(plan, fqns, e.size, e.part)
             replicated_kv.append((e.node.name, sorted(fqns), e.size))
     raise ShardingError("placements did not settle")
 
 
 def partition(gm: GraphModule, plan: ShardPlan, group_name: str) -> Partition:
     """Rewrite `gm` in place into the graph every rank runs."""
-    changes = {"split_rowwise_bias": split_rowwise_bias(gm, {f for f, s in plan.styles.items() if s == "rowwise"})}
+    rowwise = {f for f, s in plan.styles.items() if s == "rowwise"}
+    changes = {"split_rowwise_bias": plan.applied.get("split_rowwise_bias", []) + split_rowwise_bias(gm, rowwise)}
     prop, replicated_kv, state = settle(gm, plan)
     changes["replicate_kv_heads"] = replicated_kv
     changes["place_state"] = state
@@ -53,6 +55,7 @@ def partition(gm: GraphModule, plan: ShardPlan, group_name: str) -> Partition:
         "fallbacks": [n.name for n in prop.fallbacks]}
     changes["rewrite_shapes"] = rewrite_shapes(gm, prop.rewrites)
     changes["insert_collectives"] = insert_collectives(gm, prop.redistributes, plan.tp, group_name)
+    changes["mask_vocab_lookup"] = mask_vocab_lookup(gm, plan)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return Partition(gm, plan, prop, changes)

@@ -66,4 +66,7 @@ def _all_gather(gm: GraphModule, x: Node, dim: int, tp: int, group_name: str) ->
     waited = add(c10d.wait_tensor.default, gathered)          # (tp, *local)
     order = list(range(1, dim + 1)) + [0] + list(range(dim + 1, len(full) + 1))
     moved = add(aten.permute.default, waited, order)           # (..., tp, local_d, ...)
-    return add(aten.reshape.default, moved, full)              # (..., global_d, ...)
+    padded = list(full)
+    padded[dim] = -(-full[dim] // tp) * tp                     # a padded vocabulary: tp * ceil(V / tp)
+    merged = add(aten.reshape.default, moved, padded)          # (..., global_d, ...)
+    return merged if padded == full else add(aten.slice.Tensor, merged, dim, 0, full[dim])

@@ -36,8 +36,9 @@ class NeedPlacement(Exception):
 class NeedFewerWays(Exception):
     """A head dimension has fewer heads than ways: the parameters it comes from must be cut by head."""
 
-    def __init__(self, node: Node, ways: int, size: int, origins: set[str]):
+    def __init__(self, node: Node, ways: int, size: int, origins: set[str], part: int | None = None):
         self.node, self.ways, self.size, self.origins = node, ways, size, origins
+        self.part = part  # which part of a fused parameter (Shard.parts) the heads come from
 
 
 @dataclass
@@ -61,6 +62,7 @@ class _Walk:
         self.gm, self.tp, self.state = gm, tp, state
         self.param_placements = param_placements
         self.out = Propagation()
+        self.part_of = {}  # node -> index of the fused part it was sliced from
 
     def pl(self, arg) -> Placement:
         return self.out.placements.get(arg, R) if isinstance(arg, Node) else R
@@ -164,12 +166,12 @@ def _rule_pointwise(w: _Walk, node: Node):
     shards = {a: p for a, p in pls.items() if isinstance(p, Shard)}
     if not shards:
         return R
-    dims = {(_aligned(len(out_shape), a, p), p.ways, p.parts) for a, p in shards.items()}
+    dims = {replace(p, dim=_aligned(len(out_shape), a, p)) for a, p in shards.items()}
     if len(dims) == 1:
-        (dim, ways, parts), = dims
+        (pl,) = dims
         # replicated operands must be broadcast along the cut dim, or each rank would need its own slice
-        if all(_broadcast_along(a, len(out_shape), dim) for a in tensors if a not in shards):
-            return Shard(dim, ways, parts)
+        if all(_broadcast_along(a, len(out_shape), pl.dim) for a in tensors if a not in shards):
+            return pl
     for a in shards:
         w.require(node, a, R)
     return R
@@ -193,7 +195,7 @@ def _rule_linear(w: _Walk, node: Node):
         if bias is not None and pb != pw:
             raise ShardingError(f"{node.format_node()}: colwise weight {weight.target} needs its bias cut the same "
                                 f"way ({pw}), got {pb}; give the bias the weight's style")
-        return Shard(ndim - 1, pw.ways, pw.parts)
+        return replace(pw, dim=ndim - 1)
     if isinstance(pw, Shard) and pw.dim == 1:
         if bias is not None:
             raise ShardingError(f"{node.format_node()}: rowwise linear still has its bias; run split_rowwise_bias first")
@@ -217,7 +219,8 @@ def _rule_addmm(w: _Walk, node: Node):
     bias, x, weight = node.args[:3]
     px, pw, pb = w.pl(x), w.pl(weight), w.pl(bias)
     if isinstance(pw, Shard) and pw.dim == 1:
-        w.require(node, x, R) if _sharded(px) else None
+        if _sharded(px):
+            w.require(node, x, R)
         if pb != replace(pw, dim=0):
             raise ShardingError(f"{node.format_node()}: colwise weight {weight.target} needs its bias cut the same "
                                 f"way, got {pb}; give the bias the weight's style")
@@ -256,9 +259,14 @@ def _rule_matmul(w: _Walk, node: Node):
 
 
 def _rule_embedding(w: _Walk, node: Node):
-    """embedding(W (V, C), ids): W S(1) -> out S(-1); W R -> out follows ids."""
+    """embedding(W (V, C), ids): W S(1) -> out S(-1); W R -> out follows ids.
+    W S(0) (vocabulary cut): each rank looks up the ids in its rows and zeros the rest (mask_vocab_lookup
+    rewrites the lookup) -> the sum over ranks is the embedding: partial."""
     weight, ids = node.args[0], node.args[1]
     pw = w.pl(weight)
+    if isinstance(pw, Shard) and pw.dim == 0 and pw.ways == w.tp and not pw.parts:
+        w.require(node, ids, R)
+        return P
     if isinstance(pw, Shard) and pw.dim == 1:
         w.require(node, ids, R)
         return Shard(len(shape_of(node)) - 1, pw.ways)
@@ -308,7 +316,7 @@ def _rule_view(w: _Walk, node: Node):
             break  # a fused dim is regrouped before its parts are split off: no local equivalent
         if size % px.ways:
             if px.ways % size == 0:
-                raise NeedFewerWays(node, px.ways, size, w.origin(x))
+                raise NeedFewerWays(node, px.ways, size, w.origin(x), w.part_of.get(x))
             raise ShardingError(
                 f"{node.format_node()}: dim {j} of size {size} (heads or features) is not divisible by "
                 f"tp={w.tp}; choose a tp that divides {size}, or replicate the layers that produce it")
@@ -318,7 +326,7 @@ def _rule_view(w: _Walk, node: Node):
                 raise ShardingError(f"{node.format_node()}: the cut dim {j} has a symbolic size; cannot shard it")
             shape_arg[j] = size // px.ways
             w.rewrite(node, 1, shape_arg)
-        return Shard(j, px.ways, px.parts)
+        return replace(px, dim=j)
     w.require(node, x, R)
     w.out.fallbacks.append(node)
     return R
@@ -454,7 +462,8 @@ def _rule_split(w: _Walk, node: Node):
     px = w.pl(x)
     n = len(node.meta["val"])
     sizes = tuple(v.shape[dim] for v in node.meta["val"])
-    if isinstance(px, Shard) and px.dim == dim % len(shape_of(x)) and px.parts == sizes and px.ways == w.tp:
+    if isinstance(px, Shard) and px.dim == dim % len(shape_of(x)) and px.parts == sizes and px.ways == w.tp \
+            and set(px.ways_of_parts()) == {w.tp}:
         if node.target == aten.split.Tensor:
             if len(set(sizes)) != 1:
                 _rule_fallback(w, node)
@@ -483,13 +492,15 @@ def _rule_slice(w: _Walk, node: Node):
         start = 0 if start is None else start + total if start < 0 else start
         end = total if end is None else min(end + total if end < 0 else end, total)
         bounds = [sum(px.parts[:i]) for i in range(len(px.parts) + 1)]
-        if step == 1 and any((lo, hi) == (start, end) for lo, hi in zip(bounds, bounds[1:])):
-            args = list(node.args) + [None] * (4 - len(node.args))
-            new = [start // px.ways, end // px.ways]
-            for i, v in zip((2, 3), new):
-                if args[i] != v and not (i == 3 and args[i] is not None and args[i] >= total):
+        ways = px.ways_of_parts()
+        local = [sum(p // k for p, k in zip(px.parts[:i], ways)) for i in range(len(px.parts) + 1)]
+        if step == 1 and (start, end) in zip(bounds, bounds[1:]) and len(node.args) >= 4:
+            part = bounds.index(start)
+            for i, v in zip((2, 3), (local[part], local[part + 1])):
+                if node.args[i] != v and not (i == 3 and node.args[i] >= total and part == len(px.parts) - 1):
                     w.rewrite(node, i, v)
-            return Shard(px.dim, px.ways)
+            w.part_of[node] = part
+            return Shard(px.dim, ways[part])
     if isinstance(px, Shard) and px.dim == dim % len(shape_of(x)):
         w.out.fallbacks.append(node)
         return w.require(node, x, R)

@@ -31,11 +31,15 @@ def main(argv=None) -> int:
         return 2
     try:
         manifest = read_manifest(args.artifact)
+        if "forward" not in manifest.graphs:
+            raise ValueError(f"{args.artifact}: has graphs {sorted(manifest.graphs)}, not 'forward'; compile it with "
+                             f"`tpcompile compile` (generation artifacts are served by `tpcompile generate`)")
+        specs = manifest.graphs["forward"]["inputs"]
         if args.inputs:
             tensors = load_file(args.inputs)
-            inputs = [tensors[s["name"]] for s in manifest.inputs]
+            inputs = [tensors[s["name"]] for s in specs]
         else:
-            inputs = list(example_inputs(manifest.inputs, device="cpu", seed=args.seed))
+            inputs = list(example_inputs(specs, device="cpu", seed=args.seed))
         replies = serve_standalone("tpcompile.runtime.engine:make", {"artifact": os.path.abspath(args.artifact)},
                                    [("run", {"args": inputs})], device=args.device or manifest.device,
                                    timeout_s=args.timeout_s)
@@ -52,4 +56,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip interpreter teardown: with the group already destroyed, tearing down c10d's native threads at exit
+    # aborted the process here ("terminate called without an active exception") after correct outputs
+    os._exit(code)
