@@ -46,6 +46,9 @@ class Artifact:
     def generate(self, prompt_token_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  **options) -> list[list[int]]:
         """New tokens for each prompt (see Session.generate), on workers started for this call."""
+        from tpcompile.runtime.generate import check_request
+        if self.manifest.generation:  # a request that cannot fit is refused before any worker starts
+            check_request(self.manifest.generation, [list(p) for p in prompt_token_ids], max_new_tokens)
         with self.session() as session:
             return session.generate(prompt_token_ids, max_new_tokens, temperature, **options)
 
