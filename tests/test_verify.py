@@ -77,3 +77,25 @@ def test_session_keeps_workers_between_calls(tmp_path):
         assert [s["pid"] for s in session.group.status()] == pids
     with pytest.raises(Exception, match=r"input arg0: expected shape \[2, 8\] int64, got \[2, 9\]"):
         artifact.run(torch.zeros(2, 9, dtype=torch.long))
+
+
+def test_per_layer_names_the_first_block_that_diverges(job_config):
+    """A wrong weight on one rank in block 1 only: block 0 still matches, block 1 is named."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from tpcompile.artifact import sha256_file
+    good = cmd_verify(job_config("tp=2", "per_layer=true"))
+    assert good["ok"] and good["first_divergent"] is None and set(good["per_layer"]) == {"layers.0", "layers.1"}
+    path = Path(good["artifact"])
+    tensors = load_file(path / "rank1.safetensors")
+    tensors["layers.1.mlp.w_down.weight"] += 0.05  # what a wrong slice or rewrite would do to rank 1
+    save_file(tensors, path / "rank1.safetensors", {"format": "pt"})
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["rank1.safetensors"] = sha256_file(path / "rank1.safetensors")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    bad = cmd_verify(job_config("tp=2", "per_layer=true"))
+    assert bad["artifact"] == good["artifact"] and not bad["ok"]
+    assert bad["first_divergent"] == "layers.1" and bad["per_layer"]["layers.0"]["ok"]

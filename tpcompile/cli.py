@@ -145,8 +145,9 @@ def _provenance() -> dict:
 
 # ----------------------------------------------------------------------------------------------
 
-def _prepare(job):
-    """The model on the meta device, its captured graph, inputs and the random-weight source."""
+def _prepare(job, probe: bool = False):
+    """The model on the meta device, its captured graph, inputs and the random-weight source. probe: capture
+    the model with every block's output as an extra output (verify per_layer=true)."""
     import torch
     from hydra.utils import instantiate
 
@@ -159,16 +160,23 @@ def _prepare(job):
     specs = [dict(name=s.name, shape=list(s.shape), dtype=s.dtype, high=s.high) for s in job.model.inputs]
     meta_args = example_inputs(specs, device="meta")
     for _ in progress(range(1), "capture"):
-        gm = capture(model, meta_args)
+        if probe:
+            from tpcompile.probe import Probe
+            gm = capture(Probe(model), meta_args)
+        else:
+            gm = capture(model, meta_args)
     return model, gm, specs, meta_args, random_source(model, job.model.seed), dtype
 
 
-def _build(job):
+def _build(job, probe: bool = False):
     from tpcompile.build import GraphSpec, build
     from tpcompile.plan import load_rules
     if job.model.path:  # model=hf: a checkpoint directory
+        if probe:
+            raise ValueError("per_layer=true works on config models (model=llama_tiny, ...); for a checkpoint "
+                             "use the Python API or verify without per_layer")
         return _build_pretrained(job)
-    model, gm, specs, meta_args, source, dtype = _prepare(job)
+    model, gm, specs, meta_args, source, dtype = _prepare(job, probe)
     rules = load_rules([{"match": r.match, "style": r.style, "parts": r.parts} for r in job.plan.rules])
     path = build({"forward": GraphSpec(gm, meta_args, specs)}, rules=rules, tp=job.tp, backend=job.backend.name,
                  source=source, dtype=dtype, device=job.runtime.device, out_root=Path(job.out_dir),
@@ -243,16 +251,29 @@ def cmd_verify(job) -> dict:
     from tpcompile.capture import example_inputs
     from tpcompile.compare import compare
     from tpcompile.weights import materialize
-    path, model, specs, source, dtype = _build(job)
+    path, model, specs, source, dtype = _build(job, probe=job.per_layer)
     args = example_inputs(specs, device="cpu", seed=job.input_seed)
     out = _run_on_workers(job, path, args)
     reference = materialize(model, source, dtype)
+    if job.per_layer:
+        from tpcompile.probe import Probe, per_layer_lines
+        reference = Probe(reference)
     with torch.no_grad():
         ref = reference(*args)
+    record = {"artifact": str(path)}
+    if job.per_layer:  # output 0 is the model's; then one per block
+        names = [name for name, _ in reference.blocks]
+        reports = [compare(o, r, job.dtype, job.tolerance) for o, r in zip(out[1:], ref[1:])]
+        lines, first = per_layer_lines(names, reports)
+        print("per block (sharded vs unsharded):\n" + "\n".join(lines))
+        print(f"first divergent block: {first}" if first else "no block diverges")
+        record["per_layer"] = {n: r.as_dict() for n, r in zip(names, reports)}
+        record["first_divergent"] = first
+        out, ref = out[0], ref[0]
     report = compare(out, ref, job.dtype, job.tolerance)
     print(f"artifact: {path}")
     print(f"{job.model.name} tp={job.tp} backend={job.backend.name} {job.dtype}: {report.line()}")
-    return {"artifact": str(path), **report.as_dict()}
+    return {**record, **report.as_dict()}
 
 
 def cmd_inspect(job) -> dict:

@@ -105,6 +105,7 @@ class JobConfig:
     seed: int = 0                      # sampling seed (rank 0 samples and broadcasts)
     eos_token_id: Optional[int] = None # stop a row at this token
     # inspect: a picture of one layer of the partitioned graph (SVG with Graphviz's dot; DOT + text always)
+    per_layer: bool = False            # verify: also compare every block's output, name the first that diverges
     render: bool = False               # inspect: write layer<render_layer>.{dot,svg,txt} into the run dir
     render_layer: int = 0              # which layer: the index under the first numbered module container
 
