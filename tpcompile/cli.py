@@ -139,7 +139,7 @@ def _provenance() -> dict:
                                 timeout=5, cwd=Path(__file__).parent).stdout.strip()
     except Exception:
         commit = ""
-    return {"torch": torch.__version__, "commit": commit or "unknown",
+    return {"torch": torch.__version__, "commit": commit or os.environ.get("TPC_COMMIT", "unknown"),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
