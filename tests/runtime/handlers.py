@@ -61,3 +61,22 @@ class FaultHandler(ToyHandler):
 
 def make_fault(*, rank: int, world_size: int, device: str, hang_rank: int = -1) -> FaultHandler:
     return FaultHandler(rank, world_size, device, hang_rank)
+
+
+def failing_call(group, op: str, payload: dict | None = None, *, timeout_s: float | None = None, before=None):
+    """Start `group`, run before(pids) if given, then time one call that must fail.
+    Returns (the WorkerError, seconds the call took, the worker pids)."""
+    import pytest
+
+    from tpcompile.runtime.launcher import WorkerError
+    with pytest.raises(WorkerError) as ei:
+        with group:
+            pids = [s["pid"] for s in group.status()]
+            if before is not None:
+                before(pids)
+            t0 = time.monotonic()
+            try:
+                group.call(op, payload, timeout_s=timeout_s)
+            finally:
+                elapsed = time.monotonic() - t0
+    return ei.value, elapsed, pids

@@ -20,6 +20,7 @@ import torch
 
 from tpcompile.runtime.launcher import WorkerError, WorkerGroup
 from tpcompile.runtime.restart import RestartingGroup
+from tests.runtime.handlers import failing_call
 
 HANDLER = "tests.runtime.handlers:make_fault"
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,34 +116,18 @@ def test_rank_hangs_before_first_collective(tmp_path):
 
 def test_rank_hangs_before_collective_in_a_call(tmp_path):
     """Rank 1 sleeps before the all_reduce that rank 0 is already in: the call deadline names rank 1."""
-    group = _group(tmp_path)
-    with pytest.raises(WorkerError) as ei:
-        with group:
-            pids = [s["pid"] for s in group.status()]
-            t0 = time.monotonic()
-            try:
-                group.call("stall", {"rank": 1}, timeout_s=3.0)
-            finally:
-                elapsed = time.monotonic() - t0
+    err, elapsed, pids = failing_call(_group(tmp_path), "stall", {"rank": 1}, timeout_s=3.0)
     assert 3.0 <= elapsed < 3.0 + DETECT_S, elapsed
-    assert ei.value.rank == 1 and ei.value.kind == "timeout" and "'stall'" in str(ei.value)
+    assert err.rank == 1 and err.kind == "timeout" and "'stall'" in str(err)
     _assert_gone(pids)
 
 
 def test_frozen_rank_is_caught_by_the_heartbeat(tmp_path):
     """SIGSTOP: the process exists but sends nothing; heartbeat_timeout_s=3 ends the call long before 30 s."""
-    group = _group(tmp_path)
-    with pytest.raises(WorkerError) as ei:
-        with group:
-            pids = [s["pid"] for s in group.status()]
-            os.kill(pids[0], signal.SIGSTOP)
-            t0 = time.monotonic()
-            try:
-                group.call("slow", {"x": X, "s": 0.1})
-            finally:
-                elapsed = time.monotonic() - t0
+    err, elapsed, pids = failing_call(_group(tmp_path), "slow", {"x": X, "s": 0.1},
+                                      before=lambda pids: os.kill(pids[0], signal.SIGSTOP))
     assert elapsed < 3.0 + DETECT_S, elapsed
-    assert ei.value.rank == 0 and ei.value.kind == "hung" and "heartbeat" in str(ei.value)
+    assert err.rank == 0 and err.kind == "hung" and "heartbeat" in str(err)
     _assert_gone(pids)
 
 

@@ -22,6 +22,7 @@ import torch
 from tpcompile.runtime.channel import Channel, ChannelClosed, ChannelError, ChannelTimeout, accept, connect, \
     free_port, listen
 from tpcompile.runtime.launcher import WorkerError, WorkerGroup
+from tests.runtime.handlers import failing_call
 
 HANDLER = "tests.runtime.handlers:make_toy"
 ROOT = Path(__file__).resolve().parents[2]
@@ -211,16 +212,7 @@ def test_sigkill_during_collective(tmp_path):
 
 
 def test_call_timeout(tmp_path):
-    group = _group(2, tmp_path)
-    with pytest.raises(WorkerError) as ei:
-        with group:
-            pids = [s["pid"] for s in group.status()]
-            t0 = time.monotonic()
-            try:
-                group.call("sleep", {"rank": 1}, timeout_s=3)
-            finally:
-                elapsed = time.monotonic() - t0
-    err = ei.value
+    err, elapsed, pids = failing_call(_group(2, tmp_path), "sleep", {"rank": 1}, timeout_s=3)
     assert 3.0 <= elapsed < 10.0, elapsed
     assert err.rank == 1 and "'sleep'" in str(err) and "timeout_s=3" in str(err)
     assert err.status == "op sleep"
