@@ -59,21 +59,14 @@ def _reset_alone(path: str, mod: nn.Module, seed: int) -> nn.Module:
 
 
 def materialize(model: nn.Module, source: Source, dtype: torch.dtype | None = None) -> nn.Module:
-    """Give a meta-device model real tensors from a source (the unsharded reference)."""
-    state = {}
-    for fqn, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        if t.device.type == "meta":
-            state[fqn] = source(_first_name(model, fqn))
+    """Give a meta-device model real tensors from a source (the unsharded reference). A tied tensor is asked
+    for by the fqn it was first registered under, as torch.export names it."""
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    first: dict[int, str] = {}
+    for fqn, t in tensors:
+        first.setdefault(id(t), fqn)
+    state = {fqn: source(first[id(t)]) for fqn, t in tensors if t.device.type == "meta"}
     model.load_state_dict(state, assign=True, strict=False)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
-
-
-def _first_name(model: nn.Module, fqn: str) -> str:
-    """The fqn under which a (possibly tied) tensor is first registered, as torch.export names it."""
-    target = model.get_parameter(fqn) if fqn in dict(model.named_parameters(remove_duplicate=False)) else model.get_buffer(fqn)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t is target:
-            return name
-    return fqn
