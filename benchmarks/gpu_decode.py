@@ -10,73 +10,21 @@ and 64 and a 2048-token prefill. The device's copy bandwidth and bf16 matmul rat
 Every record carries device, torch version, commit and date.
 """
 import argparse
-import glob
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from common import ceilings, provenance, tpcompile_bench  # benchmarks/common.py
+
 SHAPES = {  # the presets in conf/model, for transformers' LlamaConfig
     "llama_1b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
                      num_key_value_heads=4, intermediate_size=5632, rope_theta=10000.0),
     "llama_8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, intermediate_size=14336, rope_theta=500000.0),
 }
-
-
-def provenance() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip() or os.environ.get("TPC_COMMIT", "unknown")
-    return {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def ceilings() -> dict:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    copy = 2 * a.numel() * 20 / (time.perf_counter() - t0)
-    del a, b
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        x @ y
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        x @ y
-    torch.cuda.synchronize()
-    flops = 2 * 8192 ** 3 * 10 / (time.perf_counter() - t0)
-    return {"copy_bandwidth_GBps": copy / 1e9, "bf16_matmul_TFLOPs": flops / 1e12}
-
-
-def ours(model: str, backend: str, out: Path, batch=1, prompt=32, new=128, max_seq=256, chunk=32, extra=()):
-    results = out / f"tmp_{model}_{backend}_b{batch}_p{prompt}"
-    cmd = [sys.executable, "-m", "tpcompile.cli", "bench", f"model={model}", "tp=1", "dtype=bfloat16",
-           "runtime.device=cuda", f"backend={backend}", f"max_batch={batch}", f"max_seq={max_seq}",
-           f"prefill_chunk={chunk}", f"bench.prompt_len={prompt}", f"bench.new_tokens={new}",
-           "bench.profile_steps=0", f"bench.results_dir={results}", f"out_dir={out / 'engines'}",
-           f"hydra.run.dir={out / 'hydra'}/{model}_{backend}_{batch}_{prompt}", *extra]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    print(r.stdout[-1500:], r.stderr[-1500:] if r.returncode else "", flush=True)
-    files = glob.glob(str(results / "*.json"))
-    if r.returncode or not files:
-        return {"model": model, "backend": backend, "error": (r.stderr or r.stdout)[-600:]}
-    rec = json.loads(Path(files[0]).read_text())
-    rec["wall_seconds_with_compile"] = time.perf_counter() - t0
-    return rec
 
 
 def transformers_static(model: str, new=128, prompt=32) -> dict:
@@ -125,9 +73,9 @@ def main():
     rows = []
     for model in args.models:
         if "ours" in args.parts:
-            rows.append({"engine": "tpcompile inductor_cudagraphs", **ours(model, "inductor_cudagraphs", out)})
+            rows.append({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out)})
         if "eager" in args.parts:
-            rows.append({"engine": "tpcompile eager", **ours(model, "eager", out, new=16)})
+            rows.append({"engine": "tpcompile eager", **tpcompile_bench(model, "eager", out, new=16)})
         if "hf" in args.parts:
             try:
                 rows.append(transformers_static(model))
@@ -135,10 +83,10 @@ def main():
                 rows.append({"model": model, "engine": "transformers", "error": repr(e)[:500]})
         if "batch" in args.parts:
             for b in (16, 64):
-                rows.append({"engine": "tpcompile inductor_cudagraphs", **ours(model, "inductor_cudagraphs", out,
+                rows.append({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out,
                                                                                batch=b, new=32, max_seq=128)})
         if "prefill" in args.parts:
-            rows.append({"engine": "tpcompile inductor_cudagraphs", **ours(model, "inductor_cudagraphs", out,
+            rows.append({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out,
                                                                            prompt=2048, new=8, max_seq=2560,
                                                                            chunk=512)})
     for r in rows:

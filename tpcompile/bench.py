@@ -46,6 +46,10 @@ def table(record: dict) -> str:
                                      f"{record['cache_bytes_per_rank'] / 2**20:.1f} MiB"),
         ("peak memory per rank", f"{record['peak_memory_bytes'] / 2**20:.1f} MiB"),
     ]
+    if record.get("load_seconds_per_rank"):
+        slowest = max(record["load_seconds_per_rank"], key=lambda x: x["weights"] + x["engines"])
+        rows.append(("load, slowest rank: weights / engines / first request",
+                     f"{slowest['weights']:.2f} / {slowest['engines']:.2f} / {slowest['first_request']:.2f} s"))
     if "hbm_fraction" in record:
         rows.append(("HBM bandwidth reached", f"{record['hbm_fraction']:.1%} of {record['copy_bandwidth_GBps']:.0f} GB/s"))
     width = max(len(k) for k, _ in rows)

@@ -215,18 +215,23 @@ def _export_checkpoint(argv: list[str], debug: bool) -> int:
 
 
 def cmd_compile(job) -> dict:
-    path, *_ = _build(job)
+    path = build_generation(job) if job.kv_cache else _build(job)[0]
     print(f"artifact: {path}")
     print((path / "report.txt").read_text().split("\npasses:")[0].splitlines()[-1])
     return {"artifact": str(path)}
 
 
-def _run_on_workers(job, path, args):
+def _session(job, path):
+    """Workers for the artifact at path, with the job's runtime settings."""
     from tpcompile.api import Artifact
-    artifact = Artifact(path)
-    with artifact.session(start_timeout_s=job.runtime.start_timeout_s, call_timeout_s=job.runtime.call_timeout_s,
-                          heartbeat_timeout_s=job.runtime.heartbeat_timeout_s, log_dir=_worker_logs(),
-                          max_restarts=job.runtime.max_restarts) as session:
+    r = job.runtime
+    return Artifact(path).session(start_timeout_s=r.start_timeout_s, call_timeout_s=r.call_timeout_s,
+                                  heartbeat_timeout_s=r.heartbeat_timeout_s, log_dir=_worker_logs(),
+                                  max_restarts=r.max_restarts, collectives=r.collectives)
+
+
+def _run_on_workers(job, path, args):
+    with _session(job, path) as session:
         return session(*args)
 
 
@@ -360,7 +365,6 @@ def _checkpoint_eos(path: Path):
 
 
 def cmd_generate(job) -> dict:
-    from tpcompile.api import Artifact
     from tpcompile.tokenizer import tokenizer_for
     path = build_generation(job)
     tok = tokenizer_for(path)
@@ -378,10 +382,8 @@ def cmd_generate(job) -> dict:
             print(text[printed:], end="", flush=True)
             printed = len(text)
 
-    artifact = Artifact(path)
     t0 = time.perf_counter()
-    with artifact.session(start_timeout_s=job.runtime.start_timeout_s, call_timeout_s=job.runtime.call_timeout_s,
-                          log_dir=_worker_logs()) as s:
+    with _session(job, path) as s:
         started = time.perf_counter()
         tokens = s.generate([prompt], job.max_new_tokens, job.temperature, top_k=job.top_k, top_p=job.top_p,
                             seed=job.seed, eos_token_id=eos, on_tokens=stream)[0]
@@ -394,7 +396,6 @@ def cmd_generate(job) -> dict:
 
 
 def cmd_bench(job) -> dict:
-    from tpcompile.api import Artifact
     from tpcompile.bench import summarize, table
     b = job.bench
     needed = -(-b.prompt_len // job.prefill_chunk) * job.prefill_chunk + b.new_tokens + b.profile_steps
@@ -403,11 +404,13 @@ def cmd_bench(job) -> dict:
                          f"bench.new_tokens={b.new_tokens} + bench.profile_steps={b.profile_steps} = {needed} "
                          f"passes max_seq={job.max_seq}; raise max_seq or lower them")
     path = build_generation(job)
-    with Artifact(path).session(start_timeout_s=job.runtime.start_timeout_s,
-                                call_timeout_s=job.runtime.call_timeout_s, log_dir=_worker_logs()) as s:
-        raw = s.group.call("bench", {"prompt_len": b.prompt_len, "new_tokens": b.new_tokens,
-                                     "batch": job.max_batch, "profile_steps": b.profile_steps})[0]
-    record = summarize(raw, batch=job.max_batch, prompt_len=b.prompt_len, new_tokens=b.new_tokens)
+    t0 = time.perf_counter()
+    with _session(job, path) as s:
+        ready = time.perf_counter() - t0
+        replies = s.group.call("bench", {"prompt_len": b.prompt_len, "new_tokens": b.new_tokens,
+                                         "batch": job.max_batch, "profile_steps": b.profile_steps})
+    record = summarize(replies[0], batch=job.max_batch, prompt_len=b.prompt_len, new_tokens=b.new_tokens)
+    record.update(start_seconds=ready, load_seconds_per_rank=[r["load_seconds"] for r in replies])
     record.update(artifact=str(path), model=job.model.name, tp=job.tp, backend=job.backend.name, dtype=job.dtype,
                   max_seq=job.max_seq, **_provenance())
     print(table(record))

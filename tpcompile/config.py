@@ -9,6 +9,7 @@ from omegaconf import MISSING
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
+COLLECTIVES = ("auto", "gloo", "nccl")
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,8 @@ class RuntimeConfig:
     call_timeout_s: float = 600.0      # bound on one request to the workers
     heartbeat_timeout_s: float = 10.0  # a ready rank silent this long (stopped, frozen holding the GIL) fails the run
     max_restarts: int = 0              # after a rank dies or hangs: restart the group, retry the request once
+    collectives: str = "auto"          # auto (gloo on cpu, nccl on cuda) | gloo | nccl; gloo on cuda lets several
+                                       # ranks share one GPU (a correctness check, not a speed figure)
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -69,6 +72,11 @@ class RuntimeConfig:
         for key in ("start_timeout_s", "call_timeout_s", "heartbeat_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"runtime.{key}={getattr(self, key)}: must be > 0 seconds")
+        if self.collectives not in COLLECTIVES:
+            raise ConfigError(f"runtime.collectives={self.collectives!r}: use one of {list(COLLECTIVES)}")
+        if self.collectives == "nccl" and self.device != "cuda":
+            raise ConfigError(f"runtime.collectives=nccl needs runtime.device=cuda (got {self.device!r}); "
+                              f"use collectives=gloo or auto on cpu")
         if self.max_restarts < 0:
             raise ConfigError(f"runtime.max_restarts={self.max_restarts}: must be >= 0 (0 = fail on the first error)")
 
@@ -94,6 +102,7 @@ class JobConfig:
     tolerance: Optional[float] = None  # verify: max relative error; default by dtype (fp32 1e-5, bf16 2e-2)
     input_seed: int = 1                # run/verify draw their inputs from this seed
     # generation (tpcompile generate / bench): the KV cache sizes are compiled in
+    kv_cache: bool = False             # compile: build the prefill + decode artifact that generate and bench use
     max_seq: int = 128                 # cache length: padded prompt + new tokens must fit
     max_batch: int = 4                 # prompts per batch (rows of the cache)
     prefill_chunk: int = 16            # prompts are prefilled in chunks of this many tokens (one static graph)
@@ -126,9 +135,9 @@ class JobConfig:
         if self.runtime.device == "cuda":
             import torch
             have = torch.cuda.device_count()
-            if self.tp > have:
+            if have == 0 or (self.tp > have and self.runtime.collectives != "gloo"):
                 raise ConfigError(f"tp={self.tp} needs {self.tp} GPUs with runtime.device=cuda, found {have}; "
-                                  f"lower tp or use runtime.device=cpu")
+                                  f"lower tp, use runtime.device=cpu, or runtime.collectives=gloo to share GPUs")
 
 
 def register() -> None:

@@ -1,5 +1,6 @@
 """The worker-side handler: one rank of an artifact. Checks the manifest and the hashes of the files it
 will read, loads the engine and only its own weight file, and runs requests."""
+import time
 from pathlib import Path
 
 import torch
@@ -19,13 +20,19 @@ class RankEngine:
         self.device = torch.device(device)
         check_compatible(m, self.path, world_size=world_size, device=self.device.type,
                          pg_name=dist.group.WORLD.group_name if dist.is_initialized() else None)
+        t0 = time.perf_counter()
         check_files(m, self.path, m.engine_files + [m.rank_file(rank)])
         tensors = load_rank_weights(self.path / m.rank_file(rank), self.device)  # mmap on CPU; overlapped on GPU
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        weights_s = time.perf_counter() - t0
         for fqn, spec in m.state.items():  # KV caches: zeros, one tensor shared by every graph
             tensors[fqn] = torch.zeros(spec["shape"], dtype=dtype_of(spec["dtype"]), device=self.device)
         self.tensors = tensors  # this rank's weights and state, shared by its graphs
         _, load = backend(m.backend)
         self.graphs = {name: load(self.path, g["files"], tensors, self.device) for name, g in m.graphs.items()}
+        # hash check + weights read, then engines bound; backends that compile at load do it on the first call
+        self.load_seconds = {"weights": weights_s, "engines": time.perf_counter() - t0 - weights_s}
 
     def __call__(self, *args: torch.Tensor, graph: str = "forward") -> list[torch.Tensor]:
         if graph not in self.graphs:
@@ -38,7 +45,8 @@ class RankEngine:
 
     def health(self) -> dict:
         """What this rank serves, for op "health" (worker.health adds pid and memory)."""
-        return {"artifact": self.manifest.key, "device": str(self.device), "graphs": sorted(getattr(self, "graphs", {}))}
+        return {"artifact": self.manifest.key, "device": str(self.device), "graphs": sorted(getattr(self, "graphs", {})),
+                "load_seconds": getattr(self, "load_seconds", None)}
 
     def handle(self, op: str, payload: dict) -> dict:
         if op == "run":

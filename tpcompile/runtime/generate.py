@@ -141,10 +141,13 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
     sync = (lambda: torch.cuda.synchronize(engine.device)) if engine.device.type == "cuda" else (lambda: None)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
-    for _ in range(3):  # warm-up: the first calls compile, the next record CUDA graphs
+    t0 = time.perf_counter()
+    for i in range(3):  # warm-up: the first calls compile, the next record CUDA graphs
         gen.start(prompts, 3)
         gen.step(2)
-    sync()
+        sync()
+        if i == 0:
+            first = time.perf_counter() - t0  # compile at load (inductor) or nothing (aoti, onnx, eager)
     t0 = time.perf_counter()
     gen.start(prompts, new_tokens)
     sync()
@@ -160,9 +163,10 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
     weights = sum(t.numel() * t.element_size() for f, t in engine.tensors.items() if f not in state)
     cache = sum(t.numel() * t.element_size() for f, t in engine.tensors.items() if f in state)
     peak = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else _peak_rss()
+    load = {**engine.load_seconds, "first_request": first}
     if rank != 0:
-        return {}
-    return {"prefill_seconds": prefill, "step_seconds": steps, "collective_share": share,
+        return {"load_seconds": load}
+    return {"load_seconds": load, "prefill_seconds": prefill, "step_seconds": steps, "collective_share": share,
             "weight_bytes": weights, "cache_bytes": cache, "peak_memory_bytes": peak,
             "copy_bandwidth": _copy_bandwidth(engine.device) if engine.device.type == "cuda" else None,
             "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"}

@@ -109,13 +109,15 @@ class _Rank:
 
 
 class WorkerGroup:
-    def __init__(self, *, tp: int, handler: str, handler_args: dict, device: str = "cpu",
+    def __init__(self, *, tp: int, handler: str, handler_args: dict, device: str = "cpu", collectives: str = "auto",
                  start_timeout_s: float = 60.0, call_timeout_s: float = 300.0, poll_s: float = 0.2,
                  heartbeat_timeout_s: float = 10.0, log_dir: str | None = None, env: dict | None = None):
         if not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tp must be an int >= 1, got {tp!r}")
         if device not in _w.DEVICES:
             raise ValueError(f"device {device!r} is not one of {_w.DEVICES}")
+        if collectives not in _w.COLLECTIVES:
+            raise ValueError(f"collectives {collectives!r} is not one of {_w.COLLECTIVES}")
         for name, value in (("start_timeout_s", start_timeout_s), ("call_timeout_s", call_timeout_s),
                             ("poll_s", poll_s), ("heartbeat_timeout_s", heartbeat_timeout_s)):
             if not value > 0:
@@ -125,6 +127,7 @@ class WorkerGroup:
         except TypeError as e:
             raise TypeError(f"handler_args travel as JSON in an env var: {e}; pass paths or numbers instead") from e
         self.tp, self.handler, self.handler_args, self.device = tp, handler, handler_args, device
+        self.collectives = collectives
         self.start_timeout_s, self.call_timeout_s, self.poll_s = start_timeout_s, call_timeout_s, poll_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.log_dir, self.extra_env = log_dir, dict(env or {})
@@ -171,7 +174,7 @@ class WorkerGroup:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port),
             _w.ENV_PARENT: parent_addr, _w.ENV_TOKEN: self._token,
             _w.ENV_HANDLER: self.handler, _w.ENV_HANDLER_ARGS: self._handler_args_json,
-            _w.ENV_DEVICE: self.device,
+            _w.ENV_DEVICE: self.device, _w.ENV_COLLECTIVES: self.collectives,
             _w.ENV_START_TIMEOUT: str(self.start_timeout_s), _w.ENV_CALL_TIMEOUT: str(self.call_timeout_s),
             "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",  # no NVLink multicast (KINDS.md)
             "PYTHONUNBUFFERED": "1",  # logs up to the moment of a crash

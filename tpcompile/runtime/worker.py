@@ -5,6 +5,7 @@ Everything comes from the environment (launcher.py sets it; no Hydra, no pickled
     TPC_PARENT_ADDR  "127.0.0.1:<port>" of the launcher      TPC_TOKEN      shared secret for the hello
     TPC_HANDLER      "package.module:factory"                 TPC_HANDLER_ARGS  JSON object of keyword args
     TPC_DEVICE       "cpu" (gloo) | "cuda" (nccl)             TPC_START_TIMEOUT_S / TPC_CALL_TIMEOUT_S
+    TPC_COLLECTIVES  "auto" | "gloo" | "nccl" (gloo on cuda: ranks may share GPUs, rank r on GPU r % count)
 
 Life of a worker: connect + hello -> "init process group" -> "setup handler" -> ready -> "idle"
 -> ("op <name>" -> reply -> "idle")* -> op "exit": handler.close(), destroy_process_group(), exit 0.
@@ -37,10 +38,12 @@ ENV_TOKEN = "TPC_TOKEN"
 ENV_HANDLER = "TPC_HANDLER"
 ENV_HANDLER_ARGS = "TPC_HANDLER_ARGS"
 ENV_DEVICE = "TPC_DEVICE"
+ENV_COLLECTIVES = "TPC_COLLECTIVES"
 ENV_START_TIMEOUT = "TPC_START_TIMEOUT_S"
 ENV_CALL_TIMEOUT = "TPC_CALL_TIMEOUT_S"
 HEARTBEAT_S = 1.0
 DEVICES = ("cpu", "cuda")
+COLLECTIVES = ("auto", "gloo", "nccl")
 
 
 # ---------------------------------------------------------------- shared by the launcher path and torchrun
@@ -58,17 +61,30 @@ def load_factory(spec: str) -> Callable[..., Any]:
         raise AttributeError(f"module {module_name!r} has no handler factory {attr!r} (from handler {spec!r})") from None
 
 
-def init_process_group(device: str, timeout_s: float) -> str:
-    """Join the default group from the env:// variables; returns this rank's device string."""
+def init_process_group(device: str, timeout_s: float, collectives: str | None = None) -> str:
+    """Join the default group from the env:// variables; returns this rank's device string. collectives:
+    auto (gloo on cpu, nccl on cuda), gloo or nccl; default from TPC_COLLECTIVES."""
     timeout = timedelta(seconds=timeout_s)
+    collectives = collectives or os.environ.get(ENV_COLLECTIVES, "auto")
+    if collectives not in COLLECTIVES:
+        raise ValueError(f"collectives {collectives!r} is not one of {COLLECTIVES}")
     if device == "cpu":
+        if collectives == "nccl":
+            raise ValueError("collectives nccl needs device cuda; use gloo (or auto) on cpu")
         dist.init_process_group("gloo", timeout=timeout)
         return "cpu"
     if device == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are "
-                               f"visible: lower tp or check CUDA_VISIBLE_DEVICES")
+        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if collectives == "gloo":  # NCCL refuses two ranks on one GPU; gloo stages through the host
+            if count == 0:
+                raise RuntimeError("device cuda but no CUDA device is visible; check CUDA_VISIBLE_DEVICES")
+            index = local_rank % count
+            torch.cuda.set_device(index)
+            dist.init_process_group("gloo", timeout=timeout)
+            return f"cuda:{index}"
+        if local_rank >= count:
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {count} CUDA devices are visible: lower tp, "
+                               f"check CUDA_VISIBLE_DEVICES, or share GPUs with runtime.collectives=gloo")
         torch.cuda.set_device(local_rank)
         # device_id binds the communicator to this GPU at once (eager init) instead of guessing later
         dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))

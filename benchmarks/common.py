@@ -1,0 +1,68 @@
+"""What every GPU benchmark record carries: where and when it ran, and the device's ceilings measured in the
+same process (copy bandwidth counting reads + writes, bf16 matmul rate)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def provenance() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip() or os.environ.get("TPC_COMMIT", "unknown")
+    return {"device_name": torch.cuda.get_device_name(), "device_count": torch.cuda.device_count(),
+            "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def timed(fn, repeat: int) -> float:
+    """Seconds per call of fn on the current GPU (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeat
+
+
+def ceilings() -> dict:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    copy = 2 * a.numel() / timed(lambda: b.copy_(a), 20)
+    del a, b
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 8192 ** 3 / timed(lambda: x @ y, 10)
+    return {"copy_bandwidth_GBps": copy / 1e9, "bf16_matmul_TFLOPs": flops / 1e12}
+
+
+def tpcompile_bench(model: str, backend: str, out: Path, batch=1, prompt=32, new=128, max_seq=256, chunk=32, tp=1,
+                    profile_steps=0, extra=(), timeout_s=900) -> dict:
+    """`tpcompile bench` on cuda in a subprocess (bf16); its JSON record, or {"error": ...}."""
+    results = out / f"tmp_{model}_tp{tp}_{backend}_b{batch}_p{prompt}"
+    cmd = [sys.executable, "-m", "tpcompile.cli", "bench", f"model={model}", f"tp={tp}", "dtype=bfloat16",
+           "runtime.device=cuda", f"backend={backend}", f"max_batch={batch}", f"max_seq={max_seq}",
+           f"prefill_chunk={chunk}", f"bench.prompt_len={prompt}", f"bench.new_tokens={new}",
+           f"bench.profile_steps={profile_steps}", f"bench.results_dir={results}", f"out_dir={out / 'engines'}",
+           f"hydra.run.dir={out / 'hydra'}/{model}_tp{tp}_{backend}_{batch}_{prompt}", *extra]
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
+                           env={**os.environ, **NO_MULTICAST})
+    except subprocess.TimeoutExpired:
+        return {"model": model, "tp": tp, "backend": backend, "error": f"timed out after {timeout_s} s"}
+    print(r.stdout[-1500:], r.stderr[-1500:] if r.returncode else "", flush=True)
+    files = glob.glob(str(results / "*.json"))
+    if r.returncode or not files:
+        return {"model": model, "tp": tp, "backend": backend, "error": (r.stderr or r.stdout)[-600:]}
+    rec = json.loads(Path(files[0]).read_text())
+    rec["wall_seconds_with_compile"] = time.perf_counter() - t0
+    return rec
