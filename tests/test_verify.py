@@ -1,7 +1,11 @@
 """End to end on real gloo workers: compile, run on tp processes, compare with the unsharded model."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 import tpcompile
@@ -24,6 +28,21 @@ def test_rerun_reuses_the_artifact(job_config):
     assert first["artifact"] == second["artifact"]
     other = cmd_verify(job_config("tp=2", "model.seed=7"))
     assert other["artifact"] != first["artifact"] and other["ok"]
+
+
+@pytest.mark.parametrize("tp, plan", [(1, "megatron"), (2, "auto")])  # auto cuts lm_head by vocabulary
+def test_tied_embeddings_stay_tied(job_config, tp, plan):
+    """lm_head.weight is embed.weight: random weights give both names the same values in every rank file
+    (each name cut by its own placement), as the unsharded model holds them."""
+    record = cmd_verify(job_config("model.graph.tie_embeddings=true", f"tp={tp}", f"plan={plan}"))
+    assert record["ok"] and record["max_rel_err"] <= 1e-5, record
+    path = Path(record["artifact"])
+    placement = json.loads((path / "manifest.json").read_text())["params"]["lm_head.weight"]["placement"]
+    for r in range(tp):
+        weights = load_file(path / f"rank{r}.safetensors")
+        embed, head = weights["embed.weight"], weights["lm_head.weight"]  # (V, C) replicated, (V / tp or V, C)
+        rows = len(head) * r if placement.startswith("S(0)") else 0
+        assert embed.shape == (256, 64) and torch.equal(head, embed[rows:rows + len(head)]), (r, placement)
 
 
 class GPTish(nn.Module):
@@ -81,10 +100,7 @@ def test_session_keeps_workers_between_calls(tmp_path):
 
 def test_per_layer_names_the_first_block_that_diverges(job_config):
     """A wrong weight on one rank in block 1 only: block 0 still matches, block 1 is named."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from tpcompile.artifact import sha256_file
     good = cmd_verify(job_config("tp=2", "per_layer=true"))

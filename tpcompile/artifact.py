@@ -3,6 +3,7 @@
 Written into a temporary sibling directory and renamed into place, so a directory under its final name is
 always complete. The key hashes everything that changes the result, so a rerun reuses the artifact.
 """
+import functools
 import hashlib
 import json
 import os
@@ -63,8 +64,19 @@ class Manifest:
         return [f for g in self.graphs.values() for f in g["files"]]
 
 
+@functools.cache
+def source_hash(root: Path = Path(__file__).parent) -> str:
+    """sha256 over the .py files of the tpcompile package (names and bytes), once per process: the weight and
+    pass code that made an artifact is not in its other key parts, and the version does not move with an edit."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def cache_key(parts: dict) -> str:
-    parts = {**parts, "tpcompile": tpcompile_version(), "torch": torch.__version__, "format": FORMAT_VERSION}
+    parts = {**parts, "tpcompile": tpcompile_version(), "source": source_hash(), "torch": torch.__version__,
+             "format": FORMAT_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -23,13 +23,13 @@ def module_source(model: nn.Module) -> Source:
 
 def random_source(model: nn.Module, seed: int) -> Source:
     """Tensors for a meta-device model from a seed. The owning module of each parameter is copied, made
-    real and reset alone; the seed mixes in the module path, so the order of requests does not matter."""
+    real and reset alone; the seed mixes in the module path, so the order of requests does not matter.
+    A tied tensor (one object under several fqns) belongs to the module it is first registered in, whichever
+    fqn asks: every name of it gets the same values, as in the model built for real."""
     owners = {}
-    for mod_name, mod in model.named_modules():
-        for p_name, _ in mod.named_parameters(recurse=False):
-            owners.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, (mod_name, mod, p_name))
-        for b_name, _ in mod.named_buffers(recurse=False):
-            owners.setdefault(f"{mod_name}.{b_name}" if mod_name else b_name, (mod_name, mod, b_name))
+    for fqn, first in _first_names(model).items():
+        mod_name, _, name = first.rpartition(".")
+        owners[fqn] = (mod_name, model.get_submodule(mod_name), name)
     cache: dict[str, nn.Module] = {}
 
     def get(fqn: str) -> torch.Tensor:
@@ -61,12 +61,19 @@ def _reset_alone(path: str, mod: nn.Module, seed: int) -> nn.Module:
 def materialize(model: nn.Module, source: Source, dtype: torch.dtype | None = None) -> nn.Module:
     """Give a meta-device model real tensors from a source (the unsharded reference). A tied tensor is asked
     for by the fqn it was first registered under, as torch.export names it."""
-    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    first: dict[int, str] = {}
-    for fqn, t in tensors:
-        first.setdefault(id(t), fqn)
-    state = {fqn: source(first[id(t)]) for fqn, t in tensors if t.device.type == "meta"}
+    first = _first_names(model)
+    state = {fqn: source(first[fqn]) for fqn, t in _tensors(model) if t.device.type == "meta"}
     model.load_state_dict(state, assign=True, strict=False)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _first_names(model: nn.Module) -> dict[str, str]:
+    """fqn -> the fqn its tensor was first registered under (itself unless tied), as torch.export names it."""
+    first: dict[int, str] = {}
+    return {fqn: first.setdefault(id(t), fqn) for fqn, t in _tensors(model)}
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
