@@ -1,6 +1,7 @@
 """aoti and onnx end to end on real gloo workers (llama_tiny, tp=2): compiled once per module, then verified
 against the unsharded model, loaded without a compiler, copied and loaded from a fresh process, refused
-when the manifest says it was built for something else."""
+when the manifest says it was built for something else. Last, the split backends' state updates (a KV cache)
+on a one-segment graph in one process."""
 import json
 import os
 import shutil
@@ -152,3 +153,63 @@ def test_tensorrt_without_it_names_what_is_missing(job):
         pytest.skip("torch-tensorrt and a GPU are here: nothing is missing")
     with pytest.raises(RuntimeError, match=r"backend=tensorrt needs .*a CUDA GPU.*pip install 'tpcompile\[tensorrt\]'"):
         cmd_compile(job("backend=tensorrt", "tp=2"))
+
+
+class Cached(torch.nn.Module):
+    """A KV cache in miniature: writes x @ w at positions pos of a buffer, then reads the whole buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4))
+        self.register_buffer("cache", torch.zeros(2, 8, 4), persistent=False)
+
+    def forward(self, x, pos):  # x (2, T, 4), pos (T,)
+        c = self.cache.index_copy_(1, pos, x @ self.w)  # (2, 8, 4)
+        return c.sum(1) * 2
+
+
+@pytest.mark.parametrize("how", ["onnx", "copy"])
+def test_split_graph_updates_its_state_like_eager(tmp_path, how):
+    """The cache update of a split graph lands in the shared state tensor: in place through onnxruntime
+    (the output bound to the cache's memory), or copied back from a segment that returns a new tensor (the
+    tensorrt path, here the segment's GraphModule run by torch). Eager on the same calls is the reference."""
+    from tpcompile.lower import onnx as backend
+    torch.manual_seed(0)
+    model = Cached()
+    program = torch.export.export(Cached(), (torch.zeros(2, 2, 4), torch.zeros(2, dtype=torch.long)))
+    segments = {}
+
+    def keep(sub, file):  # the copy path's "compile": keep the segment's GraphModule
+        segments[file.name] = sub
+        return {}
+
+    def run(step, args):
+        out = segments[step["file"]](*args)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+    files = backend.split_program(program, tmp_path, "g", ".onnx" if how == "onnx" else ".pt2",
+                                  backend._export if how == "onnx" else keep)
+    spec = json.loads((tmp_path / files[0]).read_text())
+    (segment,) = [s for s in spec["steps"] if s["op"] == "segment"]
+    state = next(ph for ph, fqn in spec["params"].items() if fqn == "cache")
+    assert [i for _, i in segment["inplace"]] == ([segment["args"].index(state)] if how == "onnx" else [])
+    tensors = {"w": model.w.detach().clone(), "cache": torch.zeros(2, 8, 4)}
+    cache = tensors["cache"]
+    steps = (backend.load(tmp_path, files, tensors, "cpu") if how == "onnx" else
+             backend.Steps(spec, tensors, torch.device("cpu"), run))
+    for pos in ([0, 1], [2, 3], [1, 5]):
+        x = torch.randn(2, 2, 4)
+        with torch.no_grad():
+            want = model(x, torch.tensor(pos))
+        torch.testing.assert_close(steps(x, torch.tensor(pos)), want)
+    assert tensors["cache"] is cache and cache.abs().sum() > 0
+    torch.testing.assert_close(cache, model.cache)
+
+
+def test_split_graph_that_mutates_an_input_is_refused(tmp_path):
+    class AddsToInput(torch.nn.Module):
+        def forward(self, x):
+            return x.add_(1) * 2
+    from tpcompile.lower.onnx import split_program
+    program = torch.export.export(AddsToInput(), (torch.zeros(3),))
+    with pytest.raises(ValueError, match=r"g: the split backends .*USER_INPUT_MUTATION x.*backend=aoti"):
+        split_program(program, tmp_path, "g", ".onnx", lambda sub, file: {})

@@ -8,6 +8,18 @@ ONNX has no collectives, so `torch.fx.passes.split_module` cuts the graph: every
 its `wait_tensor` form a partition of their own, the nodes between two of them one compute partition.
 Weights are inputs of the segments, not initializers: the ONNX files hold no weights and serve every rank;
 each rank binds its own tensors at load (io_binding on their memory: no copy).
+
+State (a KV cache: `index_copy_` on a buffer) is exported functionally: the program is functionalised, so a
+segment that updates a buffer takes it as an input and returns the new value as one more output:
+
+    seg: (x, cache) -> (y, cache')          the runner then makes cache hold cache'
+
+In place where that is safe: the segment's output is bound (io_binding) to the state tensor's own memory, so
+onnxruntime writes cache' where cache was and nothing is copied. Safe means, in the exported ONNX graph, every
+node that reads the old cache (or a view of it) runs before the node that writes cache' (its ancestors), so
+no read sees the new value; `_may_alias` checks it per (input, output) pair at export and steps.json lists
+the pairs (`inplace`). Any other update (a segment where the check fails, or a backend that returns new
+tensors, e.g. tensorrt) is copied back into the state tensor (`copy_`) after the graph has run.
 """
 import contextlib
 import json
@@ -39,20 +51,20 @@ def load(out_dir: Path, files: list[str], weights: dict, device) -> "Steps":
 
 def split_program(program: ExportedProgram, out_dir: Path, name: str, suffix: str, compile_segment) -> list[str]:
     """Cut the rank graph at its collectives; compile_segment(GraphModule, file) -> dict writes one compute
-    segment and returns what its step needs at run time. Writes <name>.steps.json, returns the files."""
-    if program.graph_signature.buffers_to_mutate:
-        raise ValueError(f"{name}: updates {sorted(program.graph_signature.buffers_to_mutate.values())[:3]} in "
-                         f"place (a KV cache); split backends (onnx, tensorrt) run stateless graphs only: use "
-                         f"backend=aoti or inductor for generation")
-    gm, params = _weights_as_inputs(program.module())
+    segment and returns what its step needs at run time (with "may_alias": [[output, input], ...], the pairs
+    it can write in place). Writes <name>.steps.json, returns the files."""
+    gm, params, writes = _functional(program, name)
     split = _split_at_collectives(gm)
+    (output,) = [n for n in split.graph.nodes if n.op == "output"]
+    results = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    updated = {v: fqn for v, fqn in zip(results, writes) if fqn is not None}  # new value -> its buffer
     steps, files = [], []
     for node in split.graph.nodes:
         if node.op == "placeholder":
             continue
         if node.op == "output":
-            outputs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
-            steps.append({"op": "output", "args": [a.name for a in outputs]})
+            steps.append({"op": "output", "args": [r.name for r, fqn in zip(results, writes) if fqn is None],
+                          "writes": [[r.name, fqn] for r, fqn in zip(results, writes) if fqn is not None]})
         elif node.op == "call_function":  # getitem of a segment's tuple of outputs
             src, index = node.args
             steps.append({"op": "getitem", "src": src.name, "index": index, "out": node.name})
@@ -65,8 +77,11 @@ def split_program(program: ExportedProgram, out_dir: Path, name: str, suffix: st
             else:
                 (out,) = [n for n in sub.graph.nodes if n.op == "output"]
                 file = f"{name}.seg{len(files)}{suffix}"
-                steps.append({"op": "segment", "file": file, "args": args, "out": node.name,
-                              "tuple": isinstance(out.args[0], (tuple, list)), **compile_segment(sub, out_dir / file)})
+                step = {"op": "segment", "file": file, "args": args, "out": node.name,
+                        "tuple": isinstance(out.args[0], (tuple, list)), **compile_segment(sub, out_dir / file)}
+                may = {tuple(p) for p in step.pop("may_alias", [])}
+                step["inplace"] = [p for p in _state_updates(node, params, updated) if tuple(p) in may]
+                steps.append(step)
                 files.append(file)
         else:
             raise NotImplementedError(f"unexpected node in the split graph: {node.format_node()}")
@@ -78,7 +93,9 @@ def split_program(program: ExportedProgram, out_dir: Path, name: str, suffix: st
 
 class Steps:
     """Runs a split graph: run_segment(step, inputs) -> outputs for compute segments, the graph's own
-    functional collectives between them (all_reduce(x, "sum", group), all_gather_into_tensor, ...)."""
+    functional collectives between them (all_reduce(x, "sum", group), all_gather_into_tensor, ...).
+    State the graph updates (the output step's "writes") ends in the shared state tensor: written there in
+    place by the segment (run_segment returned that very tensor), else copied there (`copy_`)."""
 
     def __init__(self, spec: dict, weights: dict, device: torch.device, run_segment):
         missing = sorted(set(spec["params"].values()) - set(weights))
@@ -88,6 +105,7 @@ class Steps:
             weights[fqn] = weights[fqn].to(device).contiguous()
         self.spec, self.device, self.run_segment = spec, device, run_segment
         self.params = {ph: weights[fqn] for ph, fqn in spec["params"].items()}
+        self.state = {fqn: weights[fqn] for _, fqn in spec["steps"][-1].get("writes", [])}
 
     def __call__(self, *args: torch.Tensor):
         c10d = torch.ops._c10d_functional
@@ -103,12 +121,24 @@ class Steps:
             elif op == "getitem":
                 env[step["out"]] = env[step["src"]][step["index"]]
             else:
+                self._write_back([(self.state[fqn], env[value]) for value, fqn in step.get("writes", [])])
                 outs = [env[a] for a in step["args"]]
                 return outs[0] if len(outs) == 1 else tuple(outs)
 
+    @staticmethod
+    def _write_back(updates: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """state <- new value, after every read of the old one; a value written in place is already there.
+        A new value that is another state's old tensor (b = a; a = f(a)) is taken before a is written."""
+        targets = {id(state) for state, _ in updates}
+        updates = [(state, new.clone() if new is not state and id(new) in targets else new) for state, new in updates]
+        for state, new in updates:
+            if new is not state:
+                state.copy_(new)
+
 
 class _Sessions:
-    """One onnxruntime session per segment; inputs and outputs bound to torch memory (io_binding, no copy)."""
+    """One onnxruntime session per segment; inputs and outputs bound to torch memory (io_binding, no copy),
+    a state update's output to the state tensor it replaces (step "inplace")."""
 
     def __init__(self, out_dir: Path, spec: dict, device: torch.device):
         import onnxruntime as ort
@@ -130,35 +160,56 @@ class _Sessions:
         kind, index = self.device.type, self.device.index or 0
         for name, t in zip(step["input_names"], inputs):
             binding.bind_input(name, kind, index, np.dtype(NUMPY_DTYPES[t.dtype]), list(t.shape), t.data_ptr())
+        inplace = dict(step.get("inplace", []))  # output -> the input (a state tensor) it is written over
         outs = []
-        for name, (shape, dtype) in zip(step["output_names"], step["output_specs"]):
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+        for i, (name, (shape, dtype)) in enumerate(zip(step["output_names"], step["output_specs"])):
+            t = inputs[inplace[i]] if i in inplace else torch.empty(shape, dtype=getattr(torch, dtype),
+                                                                      device=self.device)
             binding.bind_output(name, kind, index, np.dtype(dtype), shape, t.data_ptr())
             outs.append(t)
         session.run_with_iobinding(binding)
         return outs
 
 
-def _weights_as_inputs(gm: GraphModule) -> tuple[GraphModule, dict]:
-    """get_attr weights -> placeholders named like the node (placeholder name -> fqn), so the segments take
-    them as inputs. Also drops export's guard call and retargets `device=` arguments to CPU for the export."""
+def _functional(program: ExportedProgram, name: str) -> tuple[GraphModule, dict, list]:
+    """The rank graph with no mutation: weights and state are placeholders (params: placeholder -> fqn), and
+    each buffer updated in place is one more output, its new value. Returns (graph, params, writes): writes[i]
+    is the fqn that output i becomes, None for the graph's own outputs. Device arguments retargeted to CPU.
+
+        before: index_copy_(cache, 2, pos, k); ...; return (logits,)              (export keeps in-place ops)
+        after:  cache_1 = index_copy(cache, 2, pos, k); ...; return (cache_1, logits)   cache_1 -> fqn of cache
+    """
+    from torch.export.graph_signature import InputKind, OutputKind
+    program = program.run_decompositions({})  # functionalise only: the exporter decomposes per segment
+    sig = program.graph_signature
+    held = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    odd = [f"{s.kind.name} {s.arg.name}" for s in sig.input_specs if s.kind not in held + (InputKind.USER_INPUT,)]
+    odd += [f"{s.kind.name} {s.target or s.arg.name}" for s in sig.output_specs
+            if s.kind not in (OutputKind.USER_OUTPUT, OutputKind.BUFFER_MUTATION)]
+    if odd:
+        raise ValueError(f"{name}: the split backends (onnx, tensorrt) run graphs whose only side effect is an "
+                         f"update of their own buffers (a KV cache); this one has {odd[:3]}: use backend=aoti")
+    gm = program.graph_module
     retarget_device(gm, "cpu")
-    g = gm.graph
-    params = {}
-    first = next(n for n in g.nodes if n.op == "placeholder")
-    for node in [n for n in g.nodes if n.op == "get_attr"]:
-        value = _get(gm, node.target)
-        with g.inserting_before(first):
-            ph = g.placeholder(node.name)
-        ph.meta["val"] = value
-        node.replace_all_uses_with(ph)
-        g.erase_node(node)
-        params[ph.target] = node.target  # split_module names its inputs by target
-    for node in [n for n in g.nodes if n.op == "call_module" and not n.users]:  # _guards_fn
-        g.erase_node(node)
-    g.eliminate_dead_code()
-    g.lint()
-    return GraphModule(torch.nn.Module(), g), params
+    params = {s.arg.name: s.target for s in sig.input_specs if s.kind in held}
+    writes = [s.target if s.kind == OutputKind.BUFFER_MUTATION else None for s in sig.output_specs]
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm, params, writes
+
+
+def _state_updates(node, params: dict, updated: dict) -> list[list[int]]:
+    """[output, input] pairs of one segment node of the split graph: the output is the new value of a state
+    buffer (updated: value node -> fqn) whose old value is that input and is read by no other segment."""
+    values = [(u, u.args[1]) for u in node.users if u.op == "call_function"] if any(
+        u.op == "call_function" for u in node.users) else [(node, 0)]  # getitems of a tuple, or the node itself
+    pairs = []
+    for value, index in values:
+        old = next((a for a in node.args if params.get(a.name) == updated.get(value, "")), None)
+        if old is not None and set(old.users) == {node}:
+            pairs.append([index, node.args.index(old)])
+    return pairs
 
 
 def _split_at_collectives(gm: GraphModule) -> GraphModule:
@@ -214,7 +265,60 @@ def _export(sub: GraphModule, file: Path) -> dict:
     if found != (input_names, output_names):
         raise RuntimeError(f"onnx export of {file.name}: inputs/outputs {found}, expected "
                            f"{(input_names, output_names)}")
-    return {"input_names": input_names, "output_names": output_names, "output_specs": specs}
+    in_specs = [[list(v.shape), str(v.dtype).removeprefix("torch.")] for v in vals]
+    return {"input_names": input_names, "output_names": output_names, "output_specs": specs,
+            "may_alias": _may_alias(model, input_names, output_names, in_specs, specs)}
+
+
+VIEWS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose"}  # may share their input's memory
+SCATTERS = {"ScatterND", "ScatterElements"}  # registered MayInplace(0, 0): they handle output == data
+
+
+def _may_alias(model, input_names: list[str], output_names: list[str], in_specs: list, out_specs: list) -> list:
+    """[output, input] pairs of equal shape and dtype that onnxruntime can write over each other: every node
+    reading the input, or a view of it (onnxruntime reshapes without copying, and may turn a Transpose of
+    unit dims into a Reshape), is an ancestor of the node writing the output (so it has run before that
+    write), or is that node itself, a scatter with the input as its data. Graphs with subgraphs or local
+    functions get none: their nodes are inlined and reordered by onnxruntime."""
+    nodes = list(model.graph.node)
+    if model.functions or any(a.g.node or a.graphs for n in nodes for a in n.attribute):
+        return []
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    readers = {}
+    for i, n in enumerate(nodes):
+        for name in n.input:
+            readers.setdefault(name, set()).add(i)
+
+    def ancestors(i: int) -> set[int]:
+        seen, todo = set(), [i]
+        while todo:
+            for name in nodes[todo.pop()].input:
+                j = producer.get(name)
+                if j is not None and j not in seen:
+                    seen.add(j)
+                    todo.append(j)
+        return seen
+
+    pairs = []
+    for k, (out, spec) in enumerate(zip(output_names, out_specs)):
+        writer = producer.get(out)
+        if writer is None:
+            continue
+        before = ancestors(writer)
+        for j, name in enumerate(input_names):
+            if in_specs[j] != spec:
+                continue
+            old, todo = {name}, [name]  # the input and its views
+            while todo:
+                for r in readers.get(todo.pop(), ()):
+                    if nodes[r].op_type in VIEWS and nodes[r].output[0] not in old:
+                        old.add(nodes[r].output[0])
+                        todo.append(nodes[r].output[0])
+            w = nodes[writer]
+            scatter = w.op_type in SCATTERS and w.input[0] in old and not set(w.input[1:]) & old
+            if all(r in before or (r == writer and scatter) for v in old for r in readers.get(v, ())):
+                pairs.append([k, j])
+    return pairs
 
 
 @contextlib.contextmanager
@@ -233,11 +337,6 @@ def _quiet():
 
 def _is_c10d(node) -> bool:
     return node.op == "call_function" and getattr(node.target, "namespace", None) == "_c10d_functional"
-
-
-def _get(root: torch.nn.Module, fqn: str):
-    *path, name = fqn.split(".")
-    return getattr(root.get_submodule(".".join(path)) if path else root, name)
 
 
 def _require(*modules: str) -> None:

@@ -4,7 +4,9 @@ run by torch.distributed between them (`onnx.Steps`). CUDA only.
 
     files: <name>.seg{i}.ep, <name>.steps.json
 
-Weights are inputs of the segments (as for onnx), so one set of files serves every rank.
+Weights are inputs of the segments (as for onnx), so one set of files serves every rank. KV-cache graphs
+work as for onnx (`split_program` makes each cache update an extra output of its segment), but the saved
+programs return new tensors, so `Steps` copies each new cache into the shared cache tensor (`copy_`).
 Written against torch_tensorrt 2.x but NOT run here (no GPU, no TensorRT in CI): treat it as a sketch that
 fails early and clearly, not as a tested backend.
 """
