@@ -13,6 +13,7 @@ Rank 0 writes one JSON record (device, torch, commit, date). NVLink multicast st
 import argparse
 import json
 import os
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -97,8 +98,8 @@ def main():
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"allreduce_{world}gpu_{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(record, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # no teardown: a symmetric-memory group's destroy has hung here (2-GPU H200 run)
 
 
 if __name__ == "__main__":

@@ -51,11 +51,13 @@ def compile_args(model: str, tp: int, work: Path) -> list[str]:
 
 
 def summarize(work: Path, state: dict) -> None:
-    benches = {r["tp"]: r for r in state.get("bench", {}).values() if "decode_ms_p50" in r}
-    base = benches.get(1)
+    benches = {spec: r for spec, r in state.get("bench", {}).items() if "decode_ms_p50" in r}
+    base = benches.get("1")
     table = []
-    for tp, r in sorted(benches.items()):
-        row = {"tp": tp, "decode_ms_p50": r["decode_ms_p50"], "tokens_per_s": r["decode_tokens_per_s"],
+    for spec, r in sorted(benches.items()):
+        tp = r["tp"]
+        row = {"tp": tp, "all_reduce": r.get("all_reduce"), "device_name": r.get("device_name"),
+               "decode_ms_p50": r["decode_ms_p50"], "tokens_per_s": r["decode_tokens_per_s"],
                "hbm_fraction_per_rank": r.get("hbm_fraction"), "collective_share": r["collective_share"],
                "weight_bytes_per_rank": r["weight_bytes_per_rank"], "peak_memory_bytes": r["peak_memory_bytes"],
                "load_seconds_per_rank": r.get("load_seconds_per_rank")}
@@ -74,6 +76,8 @@ def main():
     ap.add_argument("--verify-tps", nargs="+", type=int, default=[2, 4])
     ap.add_argument("--work", default=str(REPO / "outputs" / "scaling"))
     ap.add_argument("--skip", nargs="*", default=[], help="steps to skip: allreduce verify bench")
+    ap.add_argument("--benches", nargs="*", default=None,
+                    help="bench runs in order, e.g. 4 2 4:nccl 1 (tp, :nccl keeps NCCL for small all-reduces)")
     args = ap.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -87,7 +91,9 @@ def main():
         torch.cuda.empty_cache()
     summarize(work, state)
 
-    todo = [tp for tp in tps if "decode_ms_p50" not in state.get("bench", {}).get(str(tp), {})]
+    specs = args.benches or [str(tp) for tp in tps]
+    todo = sorted({int(spec.split(":")[0]) for spec in specs
+                   if "decode_ms_p50" not in state.get("bench", {}).get(spec, {}) and int(spec.split(":")[0]) <= gpus})
     threads = str(max(1, (os.cpu_count() or 1) // max(1, len(todo) + 1)))  # the compiles share the CPUs
     compiles = {tp: subprocess.Popen([sys.executable, "-m", "tpcompile.cli", *compile_args(args.model, tp, work)],
                                      cwd=REPO, env={**ENV, "OMP_NUM_THREADS": threads},
@@ -101,11 +107,15 @@ def main():
             if key in state or world > gpus:
                 continue
             out = work / key
-            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
-                                "benchmarks/allreduce.py", "--out", str(out)], cwd=REPO, env=ENV,
-                               capture_output=True, text=True, timeout=240)
+            try:
+                r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
+                                    "benchmarks/allreduce.py", "--out", str(out)], cwd=REPO, env=ENV,
+                                   capture_output=True, text=True, timeout=150)
+                error = (r.stderr or r.stdout)[-800:]
+            except subprocess.TimeoutExpired:
+                error = "timed out after 150 s"
             files = sorted(out.glob("*.json"))
-            state[key] = json.loads(files[-1].read_text()) if files else {"error": (r.stderr or r.stdout)[-800:]}
+            state[key] = json.loads(files[-1].read_text()) if files else {"error": error}
             summarize(work, state)
 
     if "verify" not in args.skip:
@@ -131,11 +141,14 @@ def main():
 
     if "bench" not in args.skip:
         benches = state.setdefault("bench", {})
-        for tp in sorted(tps, reverse=True):  # the largest first: the most new information per minute
-            if "decode_ms_p50" in benches.get(str(tp), {}):
+        for spec in args.benches or [str(tp) for tp in sorted(tps, reverse=True)]:  # the largest tp first
+            tp, _, allreduce = spec.partition(":")  # "4" (one-shot all-reduce where it runs) or "4:nccl"
+            if int(tp) > gpus or "decode_ms_p50" in benches.get(spec, {}):
                 continue
-            benches[str(tp)] = tpcompile_bench(args.model, "inductor_cudagraphs", work, tp=tp, profile_steps=8,
-                                               timeout_s=420, **BENCH)
+            extra = ["runtime.one_shot_all_reduce=false"] if allreduce == "nccl" else []
+            benches[spec] = tpcompile_bench(args.model, "inductor_cudagraphs", work, tp=int(tp), profile_steps=8,
+                                            timeout_s=420, extra=extra, **BENCH)
+            benches[spec]["all_reduce"] = "nccl" if allreduce == "nccl" or tp == "1" else "one_shot (symm_mem)"
             summarize(work, state)
     summarize(work, state)
     for row in state["table"]:

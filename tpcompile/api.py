@@ -32,12 +32,15 @@ class Artifact:
         return f"Artifact({str(self.path)!r}, tp={m.tp}, backend={m.backend!r}, dtype={m.dtype})"
 
     def session(self, *, start_timeout_s: float = 120.0, call_timeout_s: float = 600.0, log_dir=None,
-                max_restarts: int = 0, heartbeat_timeout_s: float = 10.0, collectives: str = "auto") -> "Session":
+                max_restarts: int = 0, heartbeat_timeout_s: float = 10.0, collectives: str = "auto",
+                env: dict | None = None) -> "Session":
         """max_restarts: after a rank dies or hangs, start the whole group again (at most this many times in
         the session's life) and retry the request in flight once (runtime/restart.py). collectives: auto
-        (gloo on cpu, nccl on cuda) or gloo, which lets ranks share a GPU (rank r on GPU r % count)."""
+        (gloo on cpu, nccl on cuda) or gloo, which lets ranks share a GPU (rank r on GPU r % count). env: extra
+        environment for the workers (e.g. TPC_ONE_SHOT_ALL_REDUCE=0, see lower/inductor.py)."""
         return Session(self, start_timeout_s=start_timeout_s, call_timeout_s=call_timeout_s, log_dir=log_dir,
-                       max_restarts=max_restarts, heartbeat_timeout_s=heartbeat_timeout_s, collectives=collectives)
+                       max_restarts=max_restarts, heartbeat_timeout_s=heartbeat_timeout_s, collectives=collectives,
+                       env=env)
 
     def run(self, *args: torch.Tensor):
         """Start tp local workers, run once, stop them; rank 0's outputs as CPU tensors."""

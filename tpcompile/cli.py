@@ -227,7 +227,8 @@ def _session(job, path):
     r = job.runtime
     return Artifact(path).session(start_timeout_s=r.start_timeout_s, call_timeout_s=r.call_timeout_s,
                                   heartbeat_timeout_s=r.heartbeat_timeout_s, log_dir=_worker_logs(),
-                                  max_restarts=r.max_restarts, collectives=r.collectives)
+                                  max_restarts=r.max_restarts, collectives=r.collectives,
+                                  env={"TPC_ONE_SHOT_ALL_REDUCE": "1" if r.one_shot_all_reduce else "0"})
 
 
 def _run_on_workers(job, path, args):

@@ -176,7 +176,8 @@ class WorkerGroup:
             _w.ENV_HANDLER: self.handler, _w.ENV_HANDLER_ARGS: self._handler_args_json,
             _w.ENV_DEVICE: self.device, _w.ENV_COLLECTIVES: self.collectives,
             _w.ENV_START_TIMEOUT: str(self.start_timeout_s), _w.ENV_CALL_TIMEOUT: str(self.call_timeout_s),
-            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",  # no NVLink multicast (KINDS.md)
+            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+            # no NVLink multicast (KINDS.md)
             "PYTHONUNBUFFERED": "1",  # logs up to the moment of a crash
         })
         return env
