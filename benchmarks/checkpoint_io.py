@@ -179,9 +179,8 @@ def main() -> None:
 
 
 def _provenance() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    return {"device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-            "commit": commit or "unknown", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    from tpcompile.cli import provenance
+    return {"device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores", **provenance()}
 
 
 if __name__ == "__main__":

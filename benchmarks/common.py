@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
+from tpcompile.cli import provenance as cli_provenance
+
 REPO = Path(__file__).resolve().parents[1]
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def provenance() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip() or os.environ.get("TPC_COMMIT", "unknown")
     return {"device_name": torch.cuda.get_device_name(), "device_count": torch.cuda.device_count(),
-            "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            **cli_provenance()}
 
 
 def timed(fn, repeat: int) -> float:

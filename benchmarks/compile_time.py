@@ -81,11 +81,11 @@ def latency(path: Path, calls: int) -> list[float]:
 
 
 def provenance() -> dict:
-    from tpcompile.cli import _provenance
+    from tpcompile.cli import provenance as cli_provenance
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return {"device": "cpu", "device_name": cpu, "cores": os.cpu_count(),
-            "omp_threads": int(os.environ["OMP_NUM_THREADS"]), **_provenance()}
+            "omp_threads": int(os.environ["OMP_NUM_THREADS"]), **cli_provenance()}
 
 
 def main() -> None:

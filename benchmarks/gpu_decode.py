@@ -11,13 +11,12 @@ Every record carries device, torch version, commit and date.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import ceilings, provenance, tpcompile_bench  # benchmarks/common.py
+from common import REPO, ceilings, provenance, tpcompile_bench  # benchmarks/common.py
 
 SHAPES = {  # the presets in conf/model, for transformers' LlamaConfig
     "llama_1b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,

@@ -56,7 +56,7 @@ def summarize(work: Path, state: dict) -> None:
     table = []
     for spec, r in sorted(benches.items()):
         tp = r["tp"]
-        row = {"tp": tp, "all_reduce": r.get("all_reduce"), "device_name": r.get("device_name"),
+        row = {"tp": tp, "device_name": r.get("device_name"),
                "decode_ms_p50": r["decode_ms_p50"], "tokens_per_s": r["decode_tokens_per_s"],
                "hbm_fraction_per_rank": r.get("hbm_fraction"), "collective_share": r["collective_share"],
                "weight_bytes_per_rank": r["weight_bytes_per_rank"], "peak_memory_bytes": r["peak_memory_bytes"],
@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--work", default=str(REPO / "outputs" / "scaling"))
     ap.add_argument("--skip", nargs="*", default=[], help="steps to skip: allreduce verify bench")
     ap.add_argument("--benches", nargs="*", default=None,
-                    help="bench runs in order, e.g. 4 2 4:nccl 1 (tp, :nccl keeps NCCL for small all-reduces)")
+                    help="bench runs in order, e.g. 4 2 1, or 4:KEY=VALUE for one more tpcompile override")
     args = ap.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -142,13 +142,12 @@ def main():
     if "bench" not in args.skip:
         benches = state.setdefault("bench", {})
         for spec in args.benches or [str(tp) for tp in sorted(tps, reverse=True)]:  # the largest tp first
-            tp, _, allreduce = spec.partition(":")  # "4" (one-shot all-reduce where it runs) or "4:nccl"
+            tp, _, extra_spec = spec.partition(":")  # "4", or "4:KEY=VALUE" for one more override
             if int(tp) > gpus or "decode_ms_p50" in benches.get(spec, {}):
                 continue
-            extra = ["runtime.one_shot_all_reduce=false"] if allreduce == "nccl" else []
+            extra = [extra_spec] if extra_spec else []
             benches[spec] = tpcompile_bench(args.model, "inductor_cudagraphs", work, tp=int(tp), profile_steps=8,
                                             timeout_s=420, extra=extra, **BENCH)
-            benches[spec]["all_reduce"] = "nccl" if allreduce == "nccl" or tp == "1" else "one_shot (symm_mem)"
             summarize(work, state)
     summarize(work, state)
     for row in state["table"]:

@@ -37,7 +37,7 @@ class Artifact:
         """max_restarts: after a rank dies or hangs, start the whole group again (at most this many times in
         the session's life) and retry the request in flight once (runtime/restart.py). collectives: auto
         (gloo on cpu, nccl on cuda) or gloo, which lets ranks share a GPU (rank r on GPU r % count). env: extra
-        environment for the workers (e.g. TPC_ONE_SHOT_ALL_REDUCE=0, see lower/inductor.py)."""
+        environment for the workers (NCCL_* settings, say)."""
         return Session(self, start_timeout_s=start_timeout_s, call_timeout_s=call_timeout_s, log_dir=log_dir,
                        max_restarts=max_restarts, heartbeat_timeout_s=heartbeat_timeout_s, collectives=collectives,
                        env=env)

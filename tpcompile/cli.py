@@ -101,7 +101,7 @@ def _task(command: str, debug: bool):
             print(f"tpcompile {command}: error: {_one_line(e)}", file=sys.stderr)
             sys.exit(2)
         record.update(command=command, model=job.model.name, tp=job.tp, backend=job.backend.name, dtype=job.dtype,
-                      seconds=round(time.perf_counter() - start, 3), **_provenance())
+                      seconds=round(time.perf_counter() - start, 3), **provenance())
         out = Path(HydraConfig.get().runtime.output_dir) / f"{command}.json"
         out.write_text(json.dumps(record, indent=1, default=str))
         if record.get("ok") is False:
@@ -130,16 +130,19 @@ def _one_line(e: Exception) -> str:
     return text if isinstance(cause, ValueError) else f"{type(cause).__name__}: {text}"
 
 
-def _provenance() -> dict:
+def provenance() -> dict:
+    """torch version, commit (TPC_COMMIT when set: a copied tree may carry a stale .git) and date of a record."""
     import subprocess
 
     import torch
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=5, cwd=Path(__file__).parent).stdout.strip()
-    except Exception:
-        commit = ""
-    return {"torch": torch.__version__, "commit": commit or os.environ.get("TPC_COMMIT", "unknown"),
+    commit = os.environ.get("TPC_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    timeout=5, cwd=Path(__file__).parent).stdout.strip()
+        except Exception:
+            commit = ""
+    return {"torch": torch.__version__, "commit": commit or "unknown",
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -227,8 +230,7 @@ def _session(job, path):
     r = job.runtime
     return Artifact(path).session(start_timeout_s=r.start_timeout_s, call_timeout_s=r.call_timeout_s,
                                   heartbeat_timeout_s=r.heartbeat_timeout_s, log_dir=_worker_logs(),
-                                  max_restarts=r.max_restarts, collectives=r.collectives,
-                                  env={"TPC_ONE_SHOT_ALL_REDUCE": "1" if r.one_shot_all_reduce else "0"})
+                                  max_restarts=r.max_restarts, collectives=r.collectives)
 
 
 def _run_on_workers(job, path, args):
@@ -413,7 +415,7 @@ def cmd_bench(job) -> dict:
     record = summarize(replies[0], batch=job.max_batch, prompt_len=b.prompt_len, new_tokens=b.new_tokens)
     record.update(start_seconds=ready, load_seconds_per_rank=[r["load_seconds"] for r in replies])
     record.update(artifact=str(path), model=job.model.name, tp=job.tp, backend=job.backend.name, dtype=job.dtype,
-                  max_seq=job.max_seq, **_provenance())
+                  max_seq=job.max_seq, **provenance())
     print(table(record))
     if b.results_dir:
         out = Path(b.results_dir)

@@ -65,8 +65,6 @@ class RuntimeConfig:
     max_restarts: int = 0              # after a rank dies or hangs: restart the group, retry the request once
     collectives: str = "auto"          # auto (gloo on cpu, nccl on cuda) | gloo | nccl; gloo on cuda lets several
                                        # ranks share one GPU (a correctness check, not a speed figure)
-    one_shot_all_reduce: bool = True   # inductor backends on several GPUs: small all-reduces as symmetric-memory
-                                       # one-shot kernels instead of NCCL (lower/inductor.py)
 
     def __post_init__(self):
         if self.device not in DEVICES:
