@@ -27,7 +27,7 @@ def test_inspect_prints_the_plan_and_writes_no_weights(tmp_path):
     r = tpcompile("inspect", "tp=4", f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "layers.0.attn.wk.weight" in r.stdout and "S(0)/2" in r.stdout  # kv heads replicated at tp=4
-    assert "insert_collectives: 4" in r.stdout
+    assert "insert_collectives: 5" in r.stdout  # 4 all-reduces, the head's all-gather
     assert not (tmp_path / "engines").exists()
 
 

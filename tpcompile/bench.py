@@ -14,7 +14,8 @@ def percentile(values: list[float], q: float) -> float:
 def summarize(raw: dict, *, batch: int, prompt_len: int, new_tokens: int) -> dict:
     steps = raw["step_seconds"]
     p50 = percentile(steps, 0.5)
-    bytes_per_step = raw["weight_bytes"] + raw["cache_bytes"]  # every weight and the whole static cache is read
+    # every weight and the whole static cache are read; of an embedding table, one row per token
+    bytes_per_step = raw.get("read_bytes", raw["weight_bytes"] + raw["cache_bytes"])
     record = {
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "device_name": raw["device_name"],
         "prefill_ms": raw["prefill_seconds"] * 1e3,
@@ -44,6 +45,7 @@ def table(record: dict) -> str:
         ("collective share of a step", f"{record['collective_share']:.1%}"),
         ("weights + cache per rank", f"{record['weight_bytes_per_rank'] / 2**20:.1f} + "
                                      f"{record['cache_bytes_per_rank'] / 2**20:.1f} MiB"),
+        ("bytes read per step per rank", f"{record['bytes_per_step'] / 2**20:.1f} MiB"),
         ("peak memory per rank", f"{record['peak_memory_bytes'] / 2**20:.1f} MiB"),
     ]
     if record.get("load_seconds_per_rank"):

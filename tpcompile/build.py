@@ -87,6 +87,17 @@ class GraphSpec:
     input_specs: list[dict]
 
 
+def looked_up_by_row(gms) -> list[str]:
+    """Weights whose every use in every graph is an embedding lookup (bench counts the rows, not the table)."""
+    uses: dict[str, set] = {}
+    for gm in gms:
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                uses.setdefault(node.target, set()).update(
+                    u.target == torch.ops.aten.embedding.default and u.args[0] is node for u in node.users)
+    return sorted(f for f, kinds in uses.items() if kinds == {True})
+
+
 def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: str, source: Source,
           dtype: torch.dtype, device: str, out_root: Path, key_parts: dict, trace_device: str = "meta",
           generation: dict | None = None, extra_files: dict | None = None, fuse: bool = True, log=print) -> Path:
@@ -135,6 +146,8 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
         (staging / "report.txt").write_text("\n\n".join(f"== {n} ==\n{p.report()}" for n, p in pres.items()) + "\n")
         params = {f: {"style": plan.styles[f], "placement": str(plan.placements[f]),
                       "global": list(plan.shapes[f]), "local": list(local_shapes[f])} for f in plan.shapes}
+        for f in looked_up_by_row([p.partition.gm for p in pres.values()]):
+            params[f]["read"] = "rows"  # an embedding table: a step reads one row per token, not the table
         manifest = Manifest(key=key, tp=tp, backend=backend, dtype=str(dtype).removeprefix("torch."), device=device,
                             pg_name=GROUP_NAME, graph_hash=cache_key({"code": codes}), plan_hash=plan.digest(),
                             graphs=entries, params=params, generation=generation, fused=fused,

@@ -37,7 +37,8 @@ def test_llama_tp2_rewrites_every_head_view_and_inserts_one_all_reduce_per_rowwi
     assert rewrites["view"] == [2, 16, 2, 16] and rewrites["view_1"] == [2, 16, 1, 16]
     assert rewrites["reshape"] == [2, 16, 32]
     assert len(changes["rewrite_shapes"]) == 8
-    assert [kind for kind, *_ in changes["insert_collectives"]] == ["all_reduce"] * 4  # wo and w_down, 2 layers
+    # wo and w_down in 2 layers, then the vocabulary-cut head's logits
+    assert [kind for kind, *_ in changes["insert_collectives"]] == ["all_reduce"] * 4 + ["all_gather"]
     assert changes["replicate_kv_heads"] == [] and changes["propagate_placements"]["fallbacks"] == []
     assert pre.partition.plan.placements["layers.0.attn.wk.weight"] == Shard(0, 2)
 

@@ -159,15 +159,18 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
         sync()
         steps.append(time.perf_counter() - t0)
     share = _collective_share(gen, prompts, profile_steps, engine.device.type, sync) if world_size > 1 else 0.0
-    state = set(engine.manifest.state)
+    state, params = set(engine.manifest.state), engine.manifest.params
     weights = sum(t.numel() * t.element_size() for f, t in engine.tensors.items() if f not in state)
     cache = sum(t.numel() * t.element_size() for f, t in engine.tensors.items() if f in state)
+    by_row = {f for f, p in params.items() if p.get("read") == "rows"}  # embedding tables: one row per token
+    read = weights + cache - sum(t.numel() * t.element_size() * (1 - batch / t.shape[0])
+                                 for f, t in engine.tensors.items() if f in by_row)
     peak = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else _peak_rss()
     load = {**engine.load_seconds, "first_request": first}
     if rank != 0:
         return {"load_seconds": load}
     return {"load_seconds": load, "prefill_seconds": prefill, "step_seconds": steps, "collective_share": share,
-            "weight_bytes": weights, "cache_bytes": cache, "peak_memory_bytes": peak,
+            "weight_bytes": weights, "cache_bytes": cache, "read_bytes": int(read), "peak_memory_bytes": peak,
             "copy_bandwidth": _copy_bandwidth(engine.device) if engine.device.type == "cuda" else None,
             "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"}
 
