@@ -51,8 +51,12 @@ IDS = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
                                      ("gpt2", 2)])
 def test_transformers_decoder_with_auto_plan_matches_its_own_forward(tmp_path, arch, tp):
     model = hf_model(arch)
-    report = tpcompile.verify(model, (IDS,), tp=tp, plan="auto", out_dir=tmp_path)
+    per_layer = arch == "llama"  # the API's per-block check, on one of them: every decoder layer on its own
+    report = tpcompile.verify(model, (IDS,), tp=tp, plan="auto", out_dir=tmp_path, per_layer=per_layer)
     assert report.ok and report.max_rel_err <= 1e-5, report
+    if per_layer:
+        assert report.first_divergent is None and len(report.per_layer) == SMALL["num_hidden_layers"]
+        assert all(r["ok"] and r["max_rel_err"] <= 1e-5 for r in report.per_layer.values())
 
 
 def _auto(model, tp):

@@ -83,6 +83,23 @@ def test_eos_stops_a_row(artifacts, reference):
     assert got == want[:want.index(eos) + 1]
 
 
+def test_bench_reads_one_row_of_the_embedding_table_per_token(artifacts):
+    """Bytes read per decode step: every weight and the whole cache, but of a table that is only looked up (the
+    embedding), one row per sequence. Recomputed here from the rank file and the manifest's state shapes."""
+    from safetensors.torch import load_file
+    artifact = artifacts(2)
+    m = artifact.manifest
+    assert {f for f, p in m.params.items() if p.get("read") == "rows"} == {"embed.weight"}  # not lm_head
+    with artifact.session() as s:
+        raw = s.group.call("bench", {"prompt_len": 8, "new_tokens": 3, "batch": 4, "profile_steps": 0})[0]
+    rank0 = load_file(artifact.path / m.rank_file(0))
+    size = {f: t.numel() * t.element_size() for f, t in rank0.items()}
+    cache = sum(torch.Size(spec["shape"]).numel() * 4 for spec in m.state.values())  # float32
+    table = rank0["embed.weight"]
+    want = sum(size.values()) + cache - size["embed.weight"] + 4 * table[0].numel() * table.element_size()
+    assert abs(raw["read_bytes"] - want) <= 1 and raw["weight_bytes"] == sum(size.values())
+
+
 @pytest.mark.parametrize("prompts, n, message", [
     ([[]], 4, "prompt 0 is empty"),
     ([[1] * 200], 4, "longer than max_seq=128"),

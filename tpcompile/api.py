@@ -10,6 +10,7 @@ from tpcompile.artifact import read_manifest
 from tpcompile.build import GraphSpec, build
 from tpcompile.capture import capture
 from tpcompile.plan import load_rules
+from tpcompile.probe import Probe, compare_per_layer
 from tpcompile.compare import VerifyReport, compare
 from tpcompile.weights import module_source
 
@@ -175,8 +176,9 @@ def compile_pretrained(path, *, tp: int, plan="megatron", backend: str = "eager"
                                      log=lambda *_: None)[0])
 
 
-def build_pretrained(path, *, tp, rules, backend, dtype, input_shape, out_root, device, log=print):
-    """-> (artifact path, Pretrained, meta model, input specs); shared by compile_pretrained and the CLI."""
+def build_pretrained(path, *, tp, rules, backend, dtype, input_shape, out_root, device, log=print, probe=False):
+    """-> (artifact path, Pretrained, meta model, input specs); shared by compile_pretrained and the CLI.
+    probe: the graph also returns every block's output (verify per_layer)."""
     from tpcompile.checkpoint import Pretrained
     ckpt = Pretrained(path)
     dtype = dtype or ckpt.dtype
@@ -184,7 +186,7 @@ def build_pretrained(path, *, tp, rules, backend, dtype, input_shape, out_root, 
     ckpt.check(model, seq_len=input_shape[-1])
     specs = [{"name": "input_ids", "shape": list(input_shape), "dtype": "int64", "high": ckpt.vocab_size}]
     meta_args = (torch.empty(input_shape, dtype=torch.int64, device="meta"),)
-    gm = capture(model, meta_args)
+    gm = capture(Probe(model) if probe else model, meta_args)
     out = build({"forward": GraphSpec(gm, meta_args, specs)}, rules=rules, tp=tp, backend=backend, source=ckpt.source,
                 dtype=dtype, device=device, out_root=Path(out_root), key_parts={"checkpoint": ckpt.fingerprint()},
                 extra_files=ckpt.artifact_files(), log=log)
@@ -192,9 +194,15 @@ def build_pretrained(path, *, tp, rules, backend, dtype, input_shape, out_root, 
 
 
 def verify(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: str = "eager", out_dir=None,
-           tolerance: float | None = None) -> VerifyReport:
-    """Compile, run on tp workers, and compare with the model's own forward in this process."""
-    artifact = compile(model, example_args, tp=tp, plan=plan, backend=backend, out_dir=out_dir)
+           tolerance: float | None = None, per_layer: bool = False) -> VerifyReport:
+    """Compile, run on tp workers, and compare with the model's own forward in this process. per_layer: also
+    compare every block's output (children of the first nn.ModuleList): report.per_layer, .first_divergent."""
+    target = Probe(model) if per_layer else model
+    artifact = compile(target, example_args, tp=tp, plan=plan, backend=backend, out_dir=out_dir)
     with torch.no_grad():
-        ref = model(*example_args)
-    return compare(artifact.run(*example_args), ref, artifact.manifest.dtype, tolerance)
+        ref = target(*example_args)
+    out = artifact.run(*example_args)
+    if per_layer:
+        return compare_per_layer(out, ref, [name for name, _ in target.blocks], artifact.manifest.dtype, tolerance,
+                                 log=lambda *_: None)
+    return compare(out, ref, artifact.manifest.dtype, tolerance)

@@ -175,10 +175,7 @@ def _build(job, probe: bool = False):
     from tpcompile.build import GraphSpec, build
     from tpcompile.plan import load_rules
     if job.model.path:  # model=hf: a checkpoint directory
-        if probe:
-            raise ValueError("per_layer=true works on config models (model=llama_tiny, ...); for a checkpoint "
-                             "use the Python API or verify without per_layer")
-        return _build_pretrained(job)
+        return _build_pretrained(job, probe)
     model, gm, specs, meta_args, source, dtype = _prepare(job, probe)
     rules = load_rules([{"match": r.match, "style": r.style, "parts": r.parts} for r in job.plan.rules])
     path = build({"forward": GraphSpec(gm, meta_args, specs)}, rules=rules, tp=job.tp, backend=job.backend.name,
@@ -187,7 +184,7 @@ def _build(job, probe: bool = False):
     return path, model, specs, source, dtype
 
 
-def _build_pretrained(job):
+def _build_pretrained(job, probe: bool = False):
     from tpcompile.api import build_pretrained
     from tpcompile.capture import dtype_of
     from tpcompile.plan import load_rules
@@ -195,7 +192,8 @@ def _build_pretrained(job):
     rules = load_rules([{"match": r.match, "style": r.style, "parts": r.parts} for r in job.plan.rules])
     path, ckpt, model, specs = build_pretrained(job.model.path, tp=job.tp, rules=rules, backend=job.backend.name,
                                                 dtype=dtype, input_shape=tuple(job.model.inputs[0].shape),
-                                                out_root=Path(job.out_dir), device=job.runtime.device)
+                                                out_root=Path(job.out_dir), device=job.runtime.device,
+                                                probe=probe)
     return path, model, specs, ckpt.source, dtype
 
 
@@ -264,24 +262,17 @@ def cmd_verify(job) -> dict:
     out = _run_on_workers(job, path, args)
     reference = materialize(model, source, dtype)
     if job.per_layer:
-        from tpcompile.probe import Probe, per_layer_lines
+        from tpcompile.probe import Probe, compare_per_layer
         reference = Probe(reference)
     with torch.no_grad():
         ref = reference(*args)
-    record = {"artifact": str(path)}
     if job.per_layer:  # output 0 is the model's; then one per block
-        names = [name for name, _ in reference.blocks]
-        reports = [compare(o, r, job.dtype, job.tolerance) for o, r in zip(out[1:], ref[1:])]
-        lines, first = per_layer_lines(names, reports)
-        print("per block (sharded vs unsharded):\n" + "\n".join(lines))
-        print(f"first divergent block: {first}" if first else "no block diverges")
-        record["per_layer"] = {n: r.as_dict() for n, r in zip(names, reports)}
-        record["first_divergent"] = first
-        out, ref = out[0], ref[0]
-    report = compare(out, ref, job.dtype, job.tolerance)
+        report = compare_per_layer(out, ref, [name for name, _ in reference.blocks], job.dtype, job.tolerance)
+    else:
+        report = compare(out, ref, job.dtype, job.tolerance)
     print(f"artifact: {path}")
     print(f"{job.model.name} tp={job.tp} backend={job.backend.name} {job.dtype}: {report.line()}")
-    return {**record, **report.as_dict()}
+    return {"artifact": str(path), **report.as_dict()}
 
 
 def cmd_inspect(job) -> dict:

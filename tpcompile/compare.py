@@ -16,6 +16,8 @@ class VerifyReport:
     tolerance: float
     ok: bool
     outputs: int
+    per_layer: dict | None = None        # verify per_layer: block name -> its own report (as a dict)
+    first_divergent: str | None = None   # the first block past the tolerance
 
     def line(self) -> str:
         verdict = "OK" if self.ok else "FAILED"

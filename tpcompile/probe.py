@@ -48,3 +48,17 @@ def per_layer_lines(names: list[str], reports: list) -> tuple[list[str], str | N
             first = name
         lines.append(f"  {name:24} max abs {r.max_abs_err:.3e}  max rel {r.max_rel_err:.3e}{flag}")
     return lines, first
+
+
+def compare_per_layer(out, ref, names: list[str], dtype: str, tolerance: float | None = None, log=print):
+    """out / ref from a probed model: (output, block outputs...). The output's report, with every block's
+    report and the first divergent block attached; logs one line per block."""
+    from dataclasses import replace
+
+    from tpcompile.compare import compare
+    reports = [compare(o, r, dtype, tolerance) for o, r in zip(out[1:], ref[1:])]
+    lines, first = per_layer_lines(names, reports)
+    log("per block (sharded vs unsharded):\n" + "\n".join(lines))
+    log(f"first divergent block: {first}" if first else "no block diverges")
+    return replace(compare(out[0], ref[0], dtype, tolerance),
+                   per_layer={n: r.as_dict() for n, r in zip(names, reports)}, first_divergent=first)
