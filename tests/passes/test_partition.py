@@ -9,7 +9,7 @@ from graphs.llama import Llama
 from tpcompile.build import GROUP_NAME, preflight
 from tpcompile.capture import capture
 from tpcompile.passes import ShardingError
-from tpcompile.passes.propagate import _view_groups
+from tpcompile.passes.rules.views import _view_groups
 from tpcompile.placement import Shard
 from tpcompile.plan import PlanError, load_rules
 
