@@ -1,11 +1,13 @@
 """Checkpoint I/O: compile-time re-shard throughput vs a plain sequential read of the same files, peak RSS
-while re-sharding, and cold per-rank load time at tp = 1, 2, 4.
+while re-sharding, the publish step (hash every file, write the manifest), and cold per-rank load time at
+tp = 1, 2, 4: the file alone (mmap + touch every page), and as a worker does it (hash check, then mmap + touch).
 
     python benchmarks/checkpoint_io.py [--layers 6] [--dir /tmp/tpc_ckpt_bench]
 
 The checkpoint (HF Llama layout, random fp32 weights, several files + index) is written on the fly, tensor by
 tensor. The page cache of every file is evicted (posix_fadvise DONTNEED) before each timed read, so reads
-come from disk. Each measurement runs in a fresh process. Results: benchmarks/results/checkpoint_cpu.json.
+come from disk, and dirty pages are written back first (os.sync), so no step pays for the one before. Each
+measurement runs in a fresh process. Results: benchmarks/results/checkpoint_cpu.json.
 """
 import argparse
 import json
@@ -26,6 +28,12 @@ CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size
               intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, rms_norm_eps=1e-5,
               hidden_act="silu", rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
               tie_word_embeddings=False, dtype="float32")
+
+
+def settle() -> None:
+    """Before a timed step: write back what earlier steps left dirty (and let ext4 commit the deletes), so it
+    does not compete with the step for the disk."""
+    os.sync()
 
 
 def evict(path: Path) -> None:
@@ -97,14 +105,17 @@ import tpcompile, tpcompile.build as build
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
 timing = {}
-inner = build._write_rank_weights
+inner, inner_publish = build._write_rank_weights, build.publish
 def timed(*a, **k):
     timing["rss_before"] = rss(); t0 = time.perf_counter(); inner(*a, **k); timing["seconds"] = time.perf_counter() - t0
-build._write_rank_weights = timed
+def timed_publish(*a, **k):  # hashes every file of the artifact, writes the manifest, renames
+    t0 = time.perf_counter(); out = inner_publish(*a, **k); timing["publish"] = time.perf_counter() - t0; return out
+build._write_rank_weights, build.publish = timed, timed_publish
 t0 = time.perf_counter()
 art = tpcompile.compile_pretrained(sys.argv[1], tp=int(sys.argv[2]), out_dir=sys.argv[3])
 print(json.dumps({"artifact": str(art.path), "compile_seconds": time.perf_counter() - t0, "reshard_seconds": timing["seconds"],
-                  "rss_before_reshard": timing["rss_before"], "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "publish_seconds": timing["publish"], "rss_before_reshard": timing["rss_before"],
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 LOAD = r"""
@@ -118,6 +129,22 @@ t1 = time.perf_counter()
 s = sum(float(t[..., ::1024].sum()) for t in w.values())  # touch every page (4 KiB = 1024 fp32)
 t2 = time.perf_counter()
 print(json.dumps({"map_seconds": t1 - t0, "load_touch_seconds": t2 - t0, "read_bytes": read_bytes() - b0}))
+"""
+
+WORKER_LOAD = r"""
+import json, sys, time, torch
+from pathlib import Path
+from tpcompile.artifact import check_files, read_manifest
+from tpcompile.runtime.weights_io import load_rank_weights
+art, rank = Path(sys.argv[1]), int(sys.argv[2])
+m = read_manifest(art)
+t0 = time.perf_counter()
+check_files(m, art, [m.rank_file(rank)])  # what RankEngine does first: the hash reads the file (cold)
+t1 = time.perf_counter()
+w = load_rank_weights(art / m.rank_file(rank), "cpu")
+s = sum(float(t[..., ::1024].sum()) for t in w.values())
+t2 = time.perf_counter()
+print(json.dumps({"hash_seconds": t1 - t0, "hash_load_touch_seconds": t2 - t0}))
 """
 
 
@@ -140,6 +167,7 @@ def main() -> None:
     largest_tensor = max(i.nbytes for i in find_tensors(ckpt).values())
     base = _provenance()
     records = []
+    settle()
     for f in files:
         evict(f)
     seq = child(SEQUENTIAL, ckpt)
@@ -147,6 +175,7 @@ def main() -> None:
     records.append({**base, "what": "sequential_read", "bytes": seq["bytes"], "seconds": seq["seconds"], "gb_per_s": seq_gbs})
     print(f"sequential read (cold): {seq_gbs:.2f} GB/s ({seq['seconds']:.2f} s)")
     for tp in map(int, a.tp.split(",")):
+        settle()
         for f in files:
             evict(f)
         r = child(RESHARD, ckpt, tp, root / "engines")
@@ -154,22 +183,27 @@ def main() -> None:
         rank_bytes = [(art / f"rank{k}.safetensors").stat().st_size for k in range(tp)]
         rec = {**base, "what": "reshard", "tp": tp, "checkpoint_bytes": total, "reshard_seconds": r["reshard_seconds"],
                "gb_per_s": total / r["reshard_seconds"] / 1e9, "vs_sequential_read": total / r["reshard_seconds"] / 1e9 / seq_gbs,
-               "compile_seconds": r["compile_seconds"], "peak_rss_bytes": r["peak_rss"],
+               "compile_seconds": r["compile_seconds"], "publish_seconds": r["publish_seconds"], "peak_rss_bytes": r["peak_rss"],
                "rss_before_reshard_bytes": r["rss_before_reshard"], "largest_tensor_bytes": largest_tensor,
                "rank_file_bytes": rank_bytes}
         records.append(rec)
         print(f"tp={tp}: re-shard {rec['gb_per_s']:.2f} GB/s ({r['reshard_seconds']:.2f} s, "
-              f"{rec['vs_sequential_read']:.2f}x sequential read), compile {r['compile_seconds']:.1f} s, "
+              f"{rec['vs_sequential_read']:.2f}x sequential read), compile {r['compile_seconds']:.1f} s "
+              f"(publish: hash + manifest {r['publish_seconds']:.2f} s), "
               f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB (before re-shard {r['rss_before_reshard'] / 2**20:.0f} MiB; "
               f"largest tensor {largest_tensor / 2**20:.0f} MiB, checkpoint {total / 2**20:.0f} MiB)")
+        settle()
         for k in range(tp):
             f = art / f"rank{k}.safetensors"
             evict(f)
             ld = child(LOAD, f)
+            evict(f)
+            ld.update(child(WORKER_LOAD, art, k))
             records.append({**base, "what": "rank_load", "tp": tp, "rank": k, "file_bytes": rank_bytes[k], **ld,
                             "gb_per_s": rank_bytes[k] / ld["load_touch_seconds"] / 1e9})
             print(f"  rank {k}: {rank_bytes[k] / 2**20:.0f} MiB, mmap {ld['map_seconds'] * 1e3:.1f} ms, "
-                  f"mmap + touch every page (cold) {ld['load_touch_seconds']:.2f} s, read {ld['read_bytes'] / 2**20:.0f} MiB")
+                  f"mmap + touch every page (cold) {ld['load_touch_seconds']:.2f} s, read {ld['read_bytes'] / 2**20:.0f} MiB; "
+                  f"as a worker (cold): hash {ld['hash_seconds']:.2f} s, hash + mmap + touch {ld['hash_load_touch_seconds']:.2f} s")
         shutil.rmtree(art)
     out = REPO / "benchmarks" / "results" / "checkpoint_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)

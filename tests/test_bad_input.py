@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import tpcompile
-from tpcompile.artifact import ArtifactError, read_manifest
+from tpcompile.artifact import FORMAT_VERSION, ArtifactError, read_manifest
 from tpcompile.runtime.engine import RankEngine, check_inputs
 from tpcompile.runtime.health import check_artifact
 
@@ -129,6 +129,44 @@ def test_manifest_hash_edit_is_caught(copy, no_engine_load):
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="rank0.safetensors: sha256 does not match"):
         RankEngine(rank=0, world_size=2, device="cpu", artifact=str(copy))
+
+
+def test_artifact_of_an_older_format_asks_for_a_recompile(copy, no_engine_load):
+    """A format-1 artifact (one sha256 over each whole file, no "hash" key) is refused as old, not as corrupted."""
+    import hashlib
+    data = json.loads((copy / "manifest.json").read_text())
+    del data["hash"]
+    data["format_version"] = 1
+    data["files"] = {name: hashlib.sha256((copy / name).read_bytes()).hexdigest() for name in data["files"]}
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError) as ei:
+        RankEngine(rank=0, world_size=2, device="cpu", artifact=str(copy))
+    assert "built with artifact format 1, this tpcompile" in str(ei.value)
+    assert f"reads format {FORMAT_VERSION}; recompile it" in str(ei.value) and "corrupted" not in str(ei.value)
+
+
+def test_file_digest_is_sha256_over_the_chunk_sha256s(tmp_path, monkeypatch):
+    """sha256_files against hashlib directly, with chunks small enough that a file has several (each read in
+    several preads), and a flipped byte caught in every chunk, the last and shorter one included."""
+    import hashlib
+    from tpcompile import artifact
+    monkeypatch.setattr(artifact, "HASH_CHUNK", 1000)
+    monkeypatch.setattr(artifact, "_HASH_READ", 300)
+    data = bytes(range(256)) * 15  # 3840 bytes: chunks of 1000, 1000, 1000, 840
+
+    def reference(d: bytes) -> str:
+        chunks = [d[i:i + 1000] for i in range(0, max(len(d), 1), 1000)]  # an empty file: one empty chunk
+        return hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in chunks)).hexdigest()
+
+    files = {"a": data, "empty": b"", "one_chunk": data[:1000]}
+    for name, d in files.items():
+        (tmp_path / name).write_bytes(d)
+    assert artifact.sha256_files([tmp_path / n for n in files]) == [reference(d) for d in files.values()]
+    for i in (0, 999, 1000, 2500, 3839):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x01
+        (tmp_path / "a").write_bytes(bytes(flipped))
+        assert artifact.sha256_file(tmp_path / "a") == reference(bytes(flipped)) != reference(data)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -166,19 +166,17 @@ def _write_rank_weights(out: Path, plan, fqns: list[str], source: Source, dtypes
                         local_shapes: dict, fused: dict) -> None:
     """Each global tensor is made (or read) once, cut for every rank and appended to each rank's file:
     memory stays near one global tensor, whatever the model's size. A fused weight is the concatenation
-    of its parts' local pieces."""
+    of its parts' local pieces (dim 0): each part is appended to every rank's file as it comes."""
     specs = {f: (local_shapes[f], dtypes[f]) for f in fqns}
     writers = [StreamWriter(out / f"rank{r}.safetensors", specs, {"format": "pt"}) for r in range(tp)]
     try:
         for fqn in progress(fqns, f"weights -> {tp} rank file(s)", len(fqns), unit="tensor"):
             if fqn in fused:
-                pieces = [[] for _ in range(tp)]
                 for part in fused[fqn]:
                     t = source(part).to(dtypes[fqn])
-                    for r in range(tp):
-                        pieces[r].append(shard_tensor(t, plan.placements[part], r, tp))
-                for r, w in enumerate(writers):
-                    w.write(fqn, torch.cat(pieces[r], dim=0))
+                    for r, w in enumerate(writers):
+                        w.write(fqn, shard_tensor(t, plan.placements[part], r, tp))
+                    del t
                 continue
             t = (plan.extra[fqn] if fqn in plan.extra else source(fqn)).to(dtypes[fqn])
             if tuple(t.shape) != tuple(plan.shapes[fqn]):

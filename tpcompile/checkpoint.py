@@ -5,7 +5,7 @@ per-rank shards out (build.py streams them), and merged back.
       .model(dtype)               the graph on the meta device with config.json's sizes
       .check(model, seq_len)      every graph tensor present with the right shape and dtype, no tensor left over:
                                   all from the file headers, before any work
-      .source                     fqn -> global tensor, read with one pread (memory: that tensor only)
+      .source                     fqn -> global tensor, mapped from its file (memory: that tensor only)
     export_checkpoint(art, out)   rank shards -> HF safetensors, names and dtypes mapped back, config copied
 
 This module knows the file formats, not any model: which graph to build, its arguments and the tensor names
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tpcompile.safetensors_io import DTYPES, NAMES, SafetensorsError, StreamWriter, TensorInfo, read_header, read_tensor
+from tpcompile.safetensors_io import (DTYPES, NAMES, SafetensorsError, StreamWriter, TensorInfo, map_tensor,
+                                      read_header, read_tensor)
 
 CONF_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "conf" / "checkpoint"
 INDEX = "model.safetensors.index.json"
@@ -255,7 +256,7 @@ class Pretrained:
         return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
 
     def source(self, fqn: str) -> torch.Tensor:
-        return read_tensor(self.tensors[self.names[fqn]])
+        return map_tensor(self.tensors[self.names[fqn]])
 
     def fingerprint(self) -> dict:
         """What identifies the checkpoint for the cache key, without hashing its bytes."""

@@ -21,7 +21,8 @@ class RankEngine:
         check_compatible(m, self.path, world_size=world_size, device=self.device.type,
                          pg_name=dist.group.WORLD.group_name if dist.is_initialized() else None)
         t0 = time.perf_counter()
-        check_files(m, self.path, m.engine_files + [m.rank_file(rank)])
+        check_files(m, self.path, m.engine_files + [m.rank_file(rank)])  # chunks hashed on up to 8 threads
+        hash_s = time.perf_counter() - t0
         tensors = load_rank_weights(self.path / m.rank_file(rank), self.device)  # mmap on CPU; overlapped on GPU
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -31,8 +32,9 @@ class RankEngine:
         self.tensors = tensors  # this rank's weights and state, shared by its graphs
         _, load = backend(m.backend)
         self.graphs = {name: load(self.path, g["files"], tensors, self.device) for name, g in m.graphs.items()}
-        # hash check + weights read, then engines bound; backends that compile at load do it on the first call
-        self.load_seconds = {"weights": weights_s, "engines": time.perf_counter() - t0 - weights_s}
+        # weights: hash check + weights read (hash: the check alone), then engines bound; backends that compile
+        # at load do it on the first call
+        self.load_seconds = {"weights": weights_s, "hash": hash_s, "engines": time.perf_counter() - t0 - weights_s}
 
     def __call__(self, *args: torch.Tensor, graph: str = "forward") -> list[torch.Tensor]:
         if graph not in self.graphs:
