@@ -2,26 +2,35 @@
 and the Slurm launcher config."""
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from tests.conftest import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def tpcompile(*args, cwd, timeout=300):
     return subprocess.run([sys.executable, "-m", "tpcompile.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    r = tpcompile("bench", "-m", "tp=1,2", "bench.new_tokens=8", "bench.profile_steps=2", "bench.prompt_len=16",
-                  f"out_dir={tmp}/engines", f"hydra.sweep.dir={tmp}/sweep", cwd=tmp)
+    # the guide's sweep example (docs/guide.md, "Sweeps and Slurm"): bench at tp=1,2, then its report
+    bin_dir = str(Path(sys.executable).parent)  # this environment's `tpcompile`
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "EXTRA": f"bench.prompt_len=16 out_dir={tmp}/engines"}
+    r = subprocess.run(["bash", str(REPO / "examples" / "sweep.sh"), str(tmp / "sweep")], cwd=tmp, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert (tmp / "sweep" / "report.csv").stat().st_size and (tmp / "sweep" / "speedup.png").stat().st_size
     return tmp / "sweep"
 
 
