@@ -39,6 +39,7 @@ def test_inspect_prints_the_plan_and_writes_no_weights(tmp_path):
     (["runtime.device=tpu"], "runtime.device='tpu': use one of"),
     (["runtime.collectives=nccl"], "runtime.collectives=nccl needs runtime.device=cuda"),
     (["runtime.collectives=mpi"], "runtime.collectives='mpi': use one of"),
+    (["bench.new_tokens=1"], "bench.new_tokens=1: the first token comes from prefill"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, overrides, message):
     r = tpcompile("verify", *overrides, f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)

@@ -88,6 +88,11 @@ class BenchConfig:
     profile_steps: int = 8             # extra decode steps under torch.profiler for the collective share
     results_dir: Optional[str] = None  # also write the record here (e.g. benchmarks/results)
 
+    def __post_init__(self):
+        if self.new_tokens < 2:
+            raise ConfigError(f"bench.new_tokens={self.new_tokens}: the first token comes from prefill, so a "
+                              f"decode step needs at least 2; use bench.new_tokens=64")
+
 
 @dataclass
 class JobConfig:

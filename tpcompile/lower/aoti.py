@@ -20,6 +20,7 @@ import torch
 from torch.export import ExportedProgram
 
 from tpcompile.capture import retarget_device
+from tpcompile.lower import inductor
 
 COMPILE_TIMEOUT_S = 3600.0  # AOTInductor on a large model on few cores takes minutes, not hours
 
@@ -119,7 +120,8 @@ def _compile(source: str, package: str, device: str, group_name: str) -> None:
     with torch.no_grad():
         ep = torch.export.export(gm, args)
     torch._inductor.aoti_compile_and_package(
-        ep, package_path=package, inductor_configs={"aot_inductor.package_constants_in_so": False})
+        ep, package_path=package,
+        inductor_configs={"aot_inductor.package_constants_in_so": False, **inductor.options(device)})
     dist.destroy_process_group()
 
 

@@ -86,6 +86,7 @@ class Generation:
             logits = self.engine.graphs["prefill"](ids[:, c * chunk:(c + 1) * chunk].to(self.device), pos, self.pad)
         self.token = self._sample(logits)
         self.pos = total
+        self.pos_t = torch.tensor([total], device=self.device)  # advanced on the device: no copy, no sync per step
         self.active = True
         reply = self._emit([self.token], [logits])
         reply["prefill_seconds"] = self._elapsed(start)
@@ -96,9 +97,9 @@ class Generation:
             raise ValueError("no generation in progress; call generate_start first")
         tokens, logits_seen = [], []
         for _ in range(min(n, self.remaining)):
-            pos = torch.tensor([self.pos], device=self.device)
-            logits = self.engine.graphs["decode"](self.token[:, None], pos, self.pad)
+            logits = self.engine.graphs["decode"](self.token[:, None], self.pos_t, self.pad)
             self.pos += 1
+            self.pos_t = self.pos_t + 1  # a new tensor: an engine may keep a reference to the one it was given
             self.token = self._sample(logits)
             tokens.append(self.token)
             logits_seen.append(logits)
@@ -153,11 +154,17 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
     sync()
     prefill = time.perf_counter() - t0
     steps = []
-    for _ in range(new_tokens - 1):
+    for _ in range(new_tokens - 1):  # streaming: each token read back as it comes
         t0 = time.perf_counter()
         gen.step(1)
         sync()
         steps.append(time.perf_counter() - t0)
+    gen.start(prompts, new_tokens)  # a whole run: the host queues steps ahead, tokens read back at the end
+    sync()
+    t0 = time.perf_counter()
+    gen.step(new_tokens - 1)
+    sync()
+    run = (time.perf_counter() - t0) / (new_tokens - 1)
     share = _collective_share(gen, prompts, profile_steps, engine.device.type, sync) if world_size > 1 else 0.0
     state, params = set(engine.manifest.state), engine.manifest.params
     weights = sum(t.numel() * t.element_size() for f, t in engine.tensors.items() if f not in state)
@@ -169,7 +176,7 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
     load = {**engine.load_seconds, "first_request": first}
     if rank != 0:
         return {"load_seconds": load}
-    return {"load_seconds": load, "prefill_seconds": prefill, "step_seconds": steps, "collective_share": share,
+    return {"load_seconds": load, "prefill_seconds": prefill, "step_seconds": steps, "run_step_seconds": run, "collective_share": share,
             "weight_bytes": weights, "cache_bytes": cache, "read_bytes": int(read), "peak_memory_bytes": peak,
             "copy_bandwidth": _copy_bandwidth(engine.device) if engine.device.type == "cuda" else None,
             "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"}
