@@ -1,6 +1,11 @@
-"""Compile time per backend and tp, cold start and steady-state latency per backend (llama_tiny, CPU).
+"""Compile time per backend and tp, cold start and steady-state latency per backend (CPU or one GPU).
 
     python benchmarks/compile_time.py [--backends eager,inductor,aoti,onnx] [--tps 1,2,4,8] [--calls 20]
+    python benchmarks/compile_time.py --device cuda --model llama_1b --dtype bfloat16 --start-tp 1 \
+        --backends eager,inductor,inductor_cudagraphs,aoti     # -> benchmarks/results/compile_cuda.json
+
+On a GPU, engines for tp > 1 are compiled for ranks that share the one GPU (runtime.collectives=gloo): the
+engine and its compile do not depend on how many GPUs there are; cold start and latency run at --start-tp.
 
 The figure is compile(tp=8) / compile(tp=1): the engine is compiled once for all ranks, only the weight
 slicing loops over ranks, so it must stay near 1. llama_tiny runs with n_heads=8 (head_dim 8) so tp=8 divides
@@ -24,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-MODEL = ["model=llama_tiny", "model.graph.n_heads=8"]
+MODEL = ["model=llama_tiny", "model.graph.n_heads=8"]  # main() replaces it from --device/--model/--dtype
 COLD_START = """
 import sys, time, tpcompile
 from tpcompile.capture import example_inputs
@@ -80,12 +85,34 @@ def latency(path: Path, calls: int) -> list[float]:
     return times
 
 
-def provenance() -> dict:
+def provenance(device: str) -> dict:
     from tpcompile.cli import provenance as cli_provenance
+    if device == "cuda":
+        import torch
+        return {"device": "cuda", "device_name": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(),
+                "cores": os.cpu_count(), **cli_provenance()}
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return {"device": "cpu", "device_name": cpu, "cores": os.cpu_count(),
             "omp_threads": int(os.environ["OMP_NUM_THREADS"]), **cli_provenance()}
+
+
+def measure(backend: str, tps: list[int], args, base: dict, tmp: Path, records: list) -> None:
+    paths = {}
+    for tp in tps:
+        paths[tp], seconds = compile_once(tmp / backend, backend, tp)
+        records.append({**base, "what": "compile", "backend": backend, "tp": tp, "seconds": seconds})
+        print(f"compile {backend:9s} tp={tp}: {seconds:7.2f} s", flush=True)
+    if args.start_tp not in paths:
+        paths[args.start_tp], _ = compile_once(tmp / backend, backend, args.start_tp)
+    seconds = cold_start(paths[args.start_tp])
+    records.append({**base, "what": "cold_start", "backend": backend, "tp": args.start_tp, "seconds": seconds})
+    print(f"cold start {backend:9s} tp={args.start_tp}: {seconds:7.2f} s", flush=True)
+    times = latency(paths[args.start_tp], args.calls)
+    records.append({**base, "what": "latency", "backend": backend, "tp": args.start_tp, "calls": len(times),
+                    "p50_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+                    "p90_ms": 1e3 * sorted(times)[int(0.9 * (len(times) - 1))]})
+    print(f"latency {backend:9s} tp={args.start_tp}: p50 {records[-1]['p50_ms']:.2f} ms", flush=True)
 
 
 def main() -> None:
@@ -94,33 +121,30 @@ def main() -> None:
     ap.add_argument("--tps", default="1,2,4,8")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--start-tp", type=int, default=2, help="tp of the cold-start and latency runs")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/compile_cpu.json"))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--model", default=None, help="a conf/model preset (default: llama_tiny with 8 heads)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/compile_<device>.json")
     args = ap.parse_args()
     backends, tps = args.backends.split(","), [int(t) for t in args.tps.split(",")]
-    base = provenance()
+    global MODEL
+    MODEL = ([f"model={args.model}"] if args.model else MODEL) + [f"dtype={args.dtype}"] + (
+        ["runtime.device=cuda", "runtime.collectives=gloo"] if args.device == "cuda" else [])
+    args.out = args.out or str(REPO / f"benchmarks/results/compile_{args.device}.json")
+    base = {**provenance(args.device), "model": args.model or "llama_tiny(n_heads=8)", "dtype": args.dtype}
     records = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tpc-bench-") as tmp:
         compile_once(Path(tmp) / "warmup", "eager", tps[0])  # imports and first-capture costs, not recorded
         for backend in backends:
-            paths = {}
-            for tp in tps:
-                paths[tp], seconds = compile_once(Path(tmp) / backend, backend, tp)
-                records.append({**base, "what": "compile", "backend": backend, "tp": tp, "seconds": seconds})
-                print(f"compile {backend:9s} tp={tp}: {seconds:7.2f} s", flush=True)
-            if args.start_tp not in paths:
-                paths[args.start_tp], _ = compile_once(Path(tmp) / backend, backend, args.start_tp)
-            seconds = cold_start(paths[args.start_tp])
-            records.append({**base, "what": "cold_start", "backend": backend, "tp": args.start_tp, "seconds": seconds})
-            print(f"cold start {backend:9s} tp={args.start_tp}: {seconds:7.2f} s", flush=True)
-            times = latency(paths[args.start_tp], args.calls)
-            records.append({**base, "what": "latency", "backend": backend, "tp": args.start_tp, "calls": len(times),
-                            "p50_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-                            "p90_ms": 1e3 * sorted(times)[int(0.9 * (len(times) - 1))]})
-            print(f"latency {backend:9s} tp={args.start_tp}: p50 {records[-1]['p50_ms']:.2f} ms", flush=True)
+            try:
+                measure(backend, tps, args, base, Path(tmp), records)
+            except Exception as e:  # keep the other backends' rows; the error is a record too
+                records.append({**base, "what": "error", "backend": backend, "error": repr(e)[-800:]})
+                print(f"{backend}: {records[-1]['error']}", flush=True)
+            out.write_text(json.dumps(records, indent=1) + "\n")  # after each backend: a time-out keeps the rest
     table(records, tps)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {out}")
 
 
@@ -132,7 +156,7 @@ def table(records: list[dict], tps: list[int]) -> None:
             row[f"tp={r['tp']}"] = f"{r['seconds']:.1f}"
         elif r["what"] == "cold_start":
             row["cold start s"] = f"{r['seconds']:.1f}"
-        else:
+        elif r["what"] == "latency":
             row["p50 ms"] = f"{r['p50_ms']:.2f}"
     for row in rows.values():
         if f"tp={tps[0]}" in row and f"tp={tps[-1]}" in row:

@@ -54,7 +54,7 @@ def transformers_static(model: str, new=128, prompt=32) -> dict:
     del m
     torch.cuda.empty_cache()
     return {"model": model, "engine": f"transformers {transformers.__version__} generate, static cache, compiled",
-            "decode_ms_p50": per_token * 1e3, "weight_bytes": weight_bytes, "batch": 1, "prompt_len": prompt,
+            "decode_ms_run": per_token * 1e3, "weight_bytes": weight_bytes, "batch": 1, "prompt_len": prompt,
             "new_tokens": new}
 
 
@@ -90,20 +90,33 @@ def main():
                                                                            chunk=512)})
     for r in rows:
         r.update({k: v for k, v in base.items() if k not in r})
-        if "decode_ms_p50" in r and "weight_bytes" in r and "bytes_per_step" not in r:
+        if "weight_bytes" in r and "bytes_per_step" not in r:
             r["bytes_per_step"] = r["weight_bytes"]
-        if "decode_ms_p50" in r:
-            r["hbm_fraction_of_copy_bw"] = r["bytes_per_step"] / (r["decode_ms_p50"] / 1e3) / (base["copy_bandwidth_GBps"] * 1e9)
+        # ms per token over a whole run (tokens read back at the end), as transformers' figure is taken
+        ms = r.get("decode_ms_run", r.get("decode_ms_p50"))
+        if ms:
+            r["ms_per_token"] = ms
+            r["hbm_fraction_of_copy_bw"] = r["bytes_per_step"] / (ms / 1e3) / (base["copy_bandwidth_GBps"] * 1e9)
+        if "weight_bytes_per_rank" in r:  # matmul work: 2 flops per streamed weight and token (bf16: 2 bytes each)
+            params = (r["bytes_per_step"] - r["cache_bytes_per_rank"]) / 2
+            rate = base["bf16_matmul_TFLOPs"] * 1e12
+            r["prefill_matmul_fraction"] = 2 * params * r["prefill_tokens_per_s"] / rate
+            if ms:
+                r["decode_matmul_fraction"] = 2 * params * r["batch"] / (ms / 1e3) / rate
+            r["peak_over_weights_and_cache"] = r["peak_memory_bytes"] / (r["weight_bytes_per_rank"]
+                                                                         + r["cache_bytes_per_rank"])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"gpu_decode_{stamp}.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n{'model':10} {'engine':58} {'ms/token':>9} {'HBM frac':>9}")
+    print(f"\n{'model':9} {'engine':40} {'b':>3} {'prompt':>6} {'ms/tok':>7} {'p50':>7} {'HBM':>6} {'prefill/s':>9} "
+          f"{'mm frac':>7} {'peak/w+c':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r.get('model', '?'):10} {r.get('engine', '?')[:58]:58} ERROR {r['error'][:200]}")
-        else:
-            print(f"{r['model']:10} {r['engine'][:58]:58} {r['decode_ms_p50']:9.3f} {r['hbm_fraction_of_copy_bw']:9.1%}"
-                  f"  b={r.get('batch')} p={r.get('prompt_len')}")
-
+            print(f"{r.get('model', '?'):9} {r.get('engine', '?')[:40]:40} ERROR {r['error'][:200]}")
+            continue
+        print(f"{r['model']:9} {r['engine'][:40]:40} {r.get('batch', 1):3} {r.get('prompt_len', 0):6} "
+              f"{r.get('ms_per_token', 0):7.3f} {r.get('decode_ms_p50', 0):7.3f} {r.get('hbm_fraction_of_copy_bw', 0):6.1%} "
+              f"{r.get('prefill_tokens_per_s', 0):9.0f} {r.get('decode_matmul_fraction', 0):7.1%} "
+              f"{r.get('peak_over_weights_and_cache', 0):8.3f}")
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
 """The CLI as users run it: subprocesses, Hydra overrides, multirun, one-line errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -8,9 +9,9 @@ import pytest
 from tests.conftest import REPO
 
 
-def tpcompile(*args, cwd, timeout=300):
+def tpcompile(*args, cwd, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "tpcompile.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def test_multirun_writes_one_record_per_job(tmp_path):
@@ -45,6 +46,15 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, overrides, message):
     r = tpcompile("verify", *overrides, f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode != 0
     assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
+
+
+def test_bad_inductor_options_are_one_line(tmp_path):
+    env = {**os.environ, "TPCOMPILE_INDUCTOR_OPTIONS": "{coordinate_descent_tuning: 1}"}
+    r = tpcompile("compile", f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env)
+    assert r.returncode != 0
+    assert "TPCOMPILE_INDUCTOR_OPTIONS='{coordinate_descent_tuning: 1}' is not JSON" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
 

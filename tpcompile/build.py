@@ -14,6 +14,7 @@ from torch.fx import GraphModule
 from tpcompile.artifact import MANIFEST, Manifest, cache_key, publish, staging_dir
 from tpcompile.capture import rank_program
 from tpcompile.lower import backend as get_backend, build_info
+from tpcompile.lower.inductor import user_options as inductor_options
 from tpcompile.passes import Partition, partition
 from tpcompile.passes.fuse_linears import fuse_linears
 from tpcompile.placement import shard_tensor
@@ -106,7 +107,8 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
     lower, _ = get_backend(backend)
     key = cache_key({**key_parts, "graphs": {n: [g.gm.code, g.input_specs] for n, g in graphs.items()},
                      "rules": [[r.match, r.style] + ([list(r.parts)] if r.parts else []) for r in rules], "tp": tp, "backend": backend,
-                     "dtype": str(dtype), "device": device, "generation": generation, "fuse": fuse})
+                     "dtype": str(dtype), "device": device, "generation": generation, "fuse": fuse,
+                     "inductor_options": inductor_options()})
     final = Path(out_root) / key
     if (final / MANIFEST).is_file():
         log(f"artifact {final} exists: reusing it")

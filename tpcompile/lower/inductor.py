@@ -5,7 +5,10 @@ inductor_cudagraphs: the same with mode="reduce-overhead", so each graph replays
 
 On a GPU, Inductor runs with coordinate-descent tuning: it then lowers a matrix-vector product (batch-1
 decode) to a Triton reduction that streams the weight near the bandwidth limit and takes the RMSNorm before
-it and the residual add after it into the same kernel, instead of a cuBLAS GEMV plus separate kernels."""
+it and the residual add after it into the same kernel, instead of a cuBLAS GEMV plus separate kernels. TPCOMPILE_INDUCTOR_OPTIONS (a JSON object) overrides these
+settings; it is part of the artifact's cache key, since an AOTInductor engine is compiled with them."""
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -15,10 +18,26 @@ from tpcompile.lower import eager
 lower = eager.lower
 
 
+OPTIONS_ENV = "TPCOMPILE_INDUCTOR_OPTIONS"  # JSON object of Inductor settings over ours, e.g. for an ablation
+
+
 def options(device, cudagraphs: bool = False) -> dict:
     """Inductor settings for an engine running on `device` (shared by torch.compile and AOTInductor)."""
     gpu = torch.device(device).type == "cuda"
-    return {"coordinate_descent_tuning": gpu} | ({"triton.cudagraphs": True} if cudagraphs else {})
+    return ({"coordinate_descent_tuning": gpu} | ({"triton.cudagraphs": True} if cudagraphs else {})
+            | user_options())
+
+
+def user_options() -> dict:
+    text = os.environ.get(OPTIONS_ENV, "").strip()
+    try:
+        extra = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{OPTIONS_ENV}={text!r} is not JSON ({e.msg}); "
+                         f"write an object such as '{{\"coordinate_descent_tuning\": false}}'") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"{OPTIONS_ENV}={text!r}: need a JSON object of Inductor settings, got {type(extra).__name__}")
+    return extra
 
 
 def load(out_dir: Path, files: list[str], weights: dict, device) -> torch.nn.Module:
