@@ -65,7 +65,7 @@ def main():
     ap.add_argument("--parts", nargs="+", default=["ours", "eager", "hf"],
                     help="ours eager hf batch prefill")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the bench subprocesses run in the repository root
     out.mkdir(parents=True, exist_ok=True)
     base = {**provenance(), **ceilings()}
     print(json.dumps(base), flush=True)
