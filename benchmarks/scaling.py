@@ -12,7 +12,7 @@ Steps, each skipped when its record is already in --work (so a second call finis
 5. `tpcompile bench` (batch 1, 32-token prompt, 128 new tokens, inductor_cudagraphs) at every tp, with the
    collective share from the profiler and each rank's load time.
 After every step, summary.json in --work holds everything so far, with the speed-up and scaling efficiency
-(speed-up / tp) against tp=1, and the per-rank HBM fraction. NVLink multicast stays off (common.NO_MULTICAST).
+(speed-up / tp) against tp=1, per step (p50, synchronised) and over a whole run (`_run`), and the per-rank HBM fraction. NVLink multicast stays off (common.NO_MULTICAST).
 """
 import argparse
 import json
@@ -58,12 +58,17 @@ def summarize(work: Path, state: dict) -> None:
         tp = r["tp"]
         row = {"tp": tp, "device_name": r.get("device_name"),
                "decode_ms_p50": r["decode_ms_p50"], "tokens_per_s": r["decode_tokens_per_s"],
-               "hbm_fraction_per_rank": r.get("hbm_fraction"), "collective_share": r["collective_share"],
+               "decode_ms_run": r.get("decode_ms_run"), "tokens_per_s_run": r.get("decode_tokens_per_s_run"),
+               "hbm_fraction_per_rank": r.get("hbm_fraction"), "hbm_fraction_per_rank_run": r.get("hbm_fraction_run"),
+               "collective_share": r["collective_share"],
                "weight_bytes_per_rank": r["weight_bytes_per_rank"], "peak_memory_bytes": r["peak_memory_bytes"],
                "load_seconds_per_rank": r.get("load_seconds_per_rank")}
         if base:
             row["speedup"] = base["decode_ms_p50"] / r["decode_ms_p50"]
             row["efficiency"] = row["speedup"] / tp
+            if base.get("decode_ms_run") and r.get("decode_ms_run"):  # over a whole run: the throughput figure
+                row["speedup_run"] = base["decode_ms_run"] / r["decode_ms_run"]
+                row["efficiency_run"] = row["speedup_run"] / tp
         table.append(row)
     state["table"] = table
     (work / "summary.json").write_text(json.dumps(state, indent=1))
