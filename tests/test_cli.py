@@ -59,6 +59,16 @@ def test_bad_inductor_options_are_one_line(tmp_path):
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
 
 
+def test_inductor_options_are_part_of_the_artifact_key(tmp_path):
+    """An AOTInductor engine is compiled with these settings, so other settings must not reuse it."""
+    out = tmp_path / "engines"
+    for i, value in enumerate(["", '{"coordinate_descent_tuning": true}']):
+        env = {**os.environ, "TPCOMPILE_INDUCTOR_OPTIONS": value}
+        r = tpcompile("compile", "tp=1", f"out_dir={out}", f"hydra.run.dir={tmp_path}/run{i}", cwd=tmp_path, env=env)
+        assert r.returncode == 0, r.stderr
+    assert len([d for d in out.iterdir() if (d / "manifest.json").is_file()]) == 2
+
+
 def test_unknown_model_names_the_choices(tmp_path):
     r = tpcompile("compile", "model=nope", cwd=tmp_path)
     assert r.returncode != 0 and "llama_tiny" in r.stderr and "Traceback" not in r.stderr

@@ -98,6 +98,7 @@ def test_bench_reads_one_row_of_the_embedding_table_per_token(artifacts):
     table = rank0["embed.weight"]
     want = sum(size.values()) + cache - size["embed.weight"] + 4 * table[0].numel() * table.element_size()
     assert abs(raw["read_bytes"] - want) <= 1 and raw["weight_bytes"] == sum(size.values())
+    assert len(raw["step_seconds"]) == 2 and raw["run_step_seconds"] > 0  # per step, and over a whole run
 
 
 @pytest.mark.parametrize("prompts, n, message", [
