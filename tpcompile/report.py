@@ -23,7 +23,8 @@ BENCH_COLUMNS = [  # (key, header, format)
     ("job", "job", "{}"), ("swept", "swept overrides", "{}"), ("model", "model", "{}"),
     ("backend", "backend", "{}"), ("dtype", "dtype", "{}"), ("tp", "tp", "{}"), ("batch", "batch", "{}"), ("decode_ms_p50", "decode p50 ms", "{:.3f}"),
     ("decode_ms_p95", "p95 ms", "{:.3f}"), ("decode_ms_p99", "p99 ms", "{:.3f}"),
-    ("decode_tokens_per_s", "tokens/s", "{:.1f}"), ("speedup", "speed-up", "{:.2f}"),
+    ("decode_tokens_per_s", "tokens/s", "{:.1f}"), ("decode_ms_run", "whole-run ms/token", "{:.3f}"),
+    ("speedup", "speed-up", "{:.2f}"),
     ("efficiency", "efficiency", "{:.0%}"), ("collective_share", "collective share", "{:.0%}"),
     ("prefill_ms", "prefill ms", "{:.2f}"), ("peak_memory_mib", "peak MiB/rank", "{:.0f}"),
 ]
