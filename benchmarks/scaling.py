@@ -61,7 +61,7 @@ def summarize(work: Path, state: dict) -> None:
                "decode_ms_p50": r["decode_ms_p50"], "tokens_per_s": r["decode_tokens_per_s"],
                "decode_ms_run": r.get("decode_ms_run"), "tokens_per_s_run": r.get("decode_tokens_per_s_run"),
                "hbm_fraction_per_rank": r.get("hbm_fraction"), "hbm_fraction_per_rank_run": r.get("hbm_fraction_run"),
-               "collective_share": r["collective_share"],
+               "collective_share": r["collective_share"], "collectives_per_step": r.get("collectives_per_step"),
                "weight_bytes_per_rank": r["weight_bytes_per_rank"], "peak_memory_bytes": r["peak_memory_bytes"],
                "load_seconds_per_rank": r.get("load_seconds_per_rank")}
         if base:

@@ -99,6 +99,8 @@ def test_bench_reads_one_row_of_the_embedding_table_per_token(artifacts):
     want = sum(size.values()) + cache - size["embed.weight"] + 4 * table[0].numel() * table.element_size()
     assert abs(raw["read_bytes"] - want) <= 1 and raw["weight_bytes"] == sum(size.values())
     assert len(raw["step_seconds"]) == 2 and raw["run_step_seconds"] > 0  # per step, and over a whole run
+    n_layers = len({f.split(".")[1] for f in m.params if f.startswith("layers.")})
+    assert raw["collectives_per_step"] == {"all_reduce": 2 * n_layers, "all_gather": 1}  # o/down; the vocab-cut head
 
 
 @pytest.mark.parametrize("prompts, n, message", [
