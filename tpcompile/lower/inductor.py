@@ -5,8 +5,9 @@ inductor_cudagraphs: the same with mode="reduce-overhead", so each graph replays
 
 On a GPU, Inductor runs with coordinate-descent tuning: it then lowers a matrix-vector product (batch-1
 decode) to a Triton reduction that streams the weight near the bandwidth limit and takes the RMSNorm before
-it and the residual add after it into the same kernel, instead of a cuBLAS GEMV plus separate kernels. TPCOMPILE_INDUCTOR_OPTIONS (a JSON object) overrides these
-settings; it is part of the artifact's cache key, since an AOTInductor engine is compiled with them."""
+it and the residual add after it into the same kernel, instead of a cuBLAS GEMV plus separate kernels.
+TPCOMPILE_INDUCTOR_OPTIONS (a JSON object) overrides these settings; it is part of the artifact's cache key,
+since an AOTInductor engine is compiled with them."""
 import json
 import os
 from pathlib import Path

@@ -6,6 +6,7 @@ every rank continues with the same token even if floating-point sampling differe
 """
 import math
 import time
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -173,14 +174,13 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
     read = weights + cache - sum(t.numel() * t.element_size() * (1 - batch / t.shape[0])
                                  for f, t in engine.tensors.items() if f in by_row)
     peak = torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else _peak_rss()
-    collectives = {}  # what the decode graph waits on per step, from the pass that inserted them
-    for kind, *_ in engine.manifest.changes.get("decode", {}).get("insert_collectives", []):
-        collectives[kind] = collectives.get(kind, 0) + 1
+    # what the decode graph waits on per step, from the pass that inserted them
+    collectives = Counter(kind for kind, *_ in engine.manifest.changes.get("decode", {}).get("insert_collectives", []))
     load = {**engine.load_seconds, "first_request": first}
     if rank != 0:
         return {"load_seconds": load}
-    return {"load_seconds": load, "prefill_seconds": prefill, "step_seconds": steps, "run_step_seconds": run, "collective_share": share,
-            "collectives_per_step": collectives,
+    return {"load_seconds": load, "prefill_seconds": prefill, "step_seconds": steps, "run_step_seconds": run,
+            "collective_share": share, "collectives_per_step": dict(collectives),
             "weight_bytes": weights, "cache_bytes": cache, "read_bytes": int(read), "peak_memory_bytes": peak,
             "copy_bandwidth": _copy_bandwidth(engine.device) if engine.device.type == "cuda" else None,
             "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"}
