@@ -45,7 +45,7 @@ def ceilings() -> dict:
 
 
 def tpcompile_bench(model: str, backend: str, out: Path, batch=1, prompt=32, new=128, max_seq=256, chunk=32, tp=1,
-                    profile_steps=0, extra=(), timeout_s=900, env=None) -> dict:
+                    profile_steps=0, extra=(), timeout_s=900) -> dict:
     """`tpcompile bench` on cuda in a subprocess (bf16); its JSON record, or {"error": ...}."""
     results = out / f"tmp_{model}_tp{tp}_{backend}_b{batch}_p{prompt}"
     cmd = [sys.executable, "-m", "tpcompile.cli", "bench", f"model={model}", f"tp={tp}", "dtype=bfloat16",
@@ -56,7 +56,7 @@ def tpcompile_bench(model: str, backend: str, out: Path, batch=1, prompt=32, new
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
-                           env={**os.environ, **NO_MULTICAST, **(env or {})})
+                           env={**os.environ, **NO_MULTICAST})
     except subprocess.TimeoutExpired:
         return {"model": model, "tp": tp, "backend": backend, "error": f"timed out after {timeout_s} s"}
     print(r.stdout[-1500:], r.stderr[-1500:] if r.returncode else "", flush=True)

@@ -1,7 +1,7 @@
 """Compile time per backend and tp, cold start and steady-state latency per backend (CPU or one GPU).
 
     python benchmarks/compile_time.py [--backends eager,inductor,aoti,onnx] [--tps 1,2,4,8] [--calls 20]
-    python benchmarks/compile_time.py --device cuda --model llama_1b --dtype bfloat16 --start-tp 1 \
+    python benchmarks/compile_time.py --device cuda --dtype bfloat16 --start-tp 1 \
         --backends eager,inductor,inductor_cudagraphs,aoti     # -> benchmarks/results/compile_cuda.json
 
 On a GPU, engines for tp > 1 are compiled for ranks that share the one GPU (runtime.collectives=gloo): the
@@ -88,9 +88,8 @@ def latency(path: Path, calls: int) -> list[float]:
 def provenance(device: str) -> dict:
     from tpcompile.cli import provenance as cli_provenance
     if device == "cuda":
-        import torch
-        return {"device": "cuda", "device_name": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(),
-                "cores": os.cpu_count(), **cli_provenance()}
+        from common import provenance as gpu_provenance  # benchmarks/common.py: GPU name and count, commit
+        return {"device": "cuda", "cores": os.cpu_count(), **gpu_provenance()}
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return {"device": "cpu", "device_name": cpu, "cores": os.cpu_count(),

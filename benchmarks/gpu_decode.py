@@ -118,5 +118,6 @@ def main():
               f"{r.get('prefill_tokens_per_s', 0):9.0f} {r.get('decode_matmul_fraction', 0):7.1%} "
               f"{r.get('peak_over_weights_and_cache', 0):8.3f}")
 
+
 if __name__ == "__main__":
     main()

@@ -12,7 +12,8 @@ Steps, each skipped when its record is already in --work (so a second call finis
 5. `tpcompile bench` (batch 1, 32-token prompt, 128 new tokens, inductor_cudagraphs) at every tp, with the
    collective share from the profiler and each rank's load time.
 After every step, summary.json in --work holds everything so far, with the speed-up and scaling efficiency
-(speed-up / tp) against tp=1, per step (p50, synchronised) and over a whole run (`_run`), and the per-rank HBM fraction. NVLink multicast stays off (common.NO_MULTICAST).
+(speed-up / tp) against tp=1, per step (p50, synchronised) and over a whole run (`_run`), and the per-rank HBM
+fraction. NVLink multicast stays off (common.NO_MULTICAST).
 """
 import argparse
 import json
@@ -20,7 +21,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -75,28 +75,6 @@ def summarize(work: Path, state: dict) -> None:
     (work / "summary.json").write_text(json.dumps(state, indent=1))
 
 
-def run_group(group: str, model: str, work: Path, gpus: int, benches: dict) -> None:
-    """One bench spec ("4", or "4:KEY=VALUE" for one more override), or several joined by "+" ("1+2"), which
-    run at once on disjoint GPUs (CUDA_VISIBLE_DEVICES) to save a device call's time; each record says so."""
-    specs = [s for s in group.split("+") if int(s.split(":")[0]) <= gpus and "decode_ms_p50" not in benches.get(s, {})]
-    if sum(int(s.split(":")[0]) for s in specs) > gpus:
-        raise SystemExit(f"--benches {group}: needs more than the {gpus} GPUs here")
-    first, jobs = 0, []
-    for spec in specs:
-        tp, _, extra_spec = spec.partition(":")
-        visible = ",".join(str(first + i) for i in range(int(tp)))
-        first += int(tp)
-        kw = dict(tp=int(tp), profile_steps=8, timeout_s=420, extra=[extra_spec] if extra_spec else [],
-                  env={"CUDA_VISIBLE_DEVICES": visible} if len(specs) > 1 else None, **BENCH)
-        jobs.append((spec, visible, kw))
-    with ThreadPoolExecutor(max(1, len(jobs))) as pool:
-        futures = {spec: pool.submit(tpcompile_bench, model, "inductor_cudagraphs", work, **kw) for spec, _, kw in jobs}
-    for spec, visible, _ in jobs:
-        benches[spec] = futures[spec].result()
-        if len(jobs) > 1:
-            benches[spec]["ran_with"] = f"concurrently with {group} on disjoint GPUs (this one on GPUs {visible})"
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama_8b")
@@ -105,8 +83,7 @@ def main():
     ap.add_argument("--work", default=str(REPO / "outputs" / "scaling"))
     ap.add_argument("--skip", nargs="*", default=[], help="steps to skip: allreduce verify bench")
     ap.add_argument("--benches", nargs="*", default=None,
-                    help="bench runs in order, e.g. 4 2 1, or 4:KEY=VALUE for one more tpcompile override; "
-                         "1+2 runs tp=1 and tp=2 at once on disjoint GPUs")
+                    help="bench runs in order, e.g. 4 2 1, or 4:KEY=VALUE for one more tpcompile override")
     args = ap.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -121,7 +98,7 @@ def main():
     summarize(work, state)
 
     specs = args.benches or [str(tp) for tp in tps]
-    todo = sorted({int(spec.split(":")[0]) for group in specs for spec in group.split("+")
+    todo = sorted({int(spec.split(":")[0]) for spec in specs
                    if "decode_ms_p50" not in state.get("bench", {}).get(spec, {}) and int(spec.split(":")[0]) <= gpus})
     threads = str(max(1, (os.cpu_count() or 1) // max(1, len(todo) + 1)))  # the compiles share the CPUs
     compiles = {tp: subprocess.Popen([sys.executable, "-m", "tpcompile.cli", *compile_args(args.model, tp, work)],
@@ -170,8 +147,13 @@ def main():
 
     if "bench" not in args.skip:
         benches = state.setdefault("bench", {})
-        for group in args.benches or [str(tp) for tp in sorted(tps, reverse=True)]:  # the largest tp first
-            run_group(group, args.model, work, gpus, benches)
+        for spec in args.benches or [str(tp) for tp in sorted(tps, reverse=True)]:  # the largest tp first
+            tp, _, extra_spec = spec.partition(":")  # "4", or "4:KEY=VALUE" for one more override
+            if int(tp) > gpus or "decode_ms_p50" in benches.get(spec, {}):
+                continue
+            extra = [extra_spec] if extra_spec else []
+            benches[spec] = tpcompile_bench(args.model, "inductor_cudagraphs", work, tp=int(tp), profile_steps=8,
+                                            timeout_s=420, extra=extra, **BENCH)
             summarize(work, state)
     summarize(work, state)
     for row in state["table"]:
