@@ -96,17 +96,20 @@ def provenance(device: str) -> dict:
             "omp_threads": int(os.environ["OMP_NUM_THREADS"]), **cli_provenance()}
 
 
-def measure(backend: str, tps: list[int], args, base: dict, tmp: Path, records: list) -> None:
+def measure(backend: str, tps: list[int], args, base: dict, tmp: Path, records: list, save) -> None:
+    """Appends this backend's records, calling save() after each one: a time-out keeps what was measured."""
     paths = {}
     for tp in tps:
         paths[tp], seconds = compile_once(tmp / backend, backend, tp)
         records.append({**base, "what": "compile", "backend": backend, "tp": tp, "seconds": seconds})
         print(f"compile {backend:9s} tp={tp}: {seconds:7.2f} s", flush=True)
+        save()
     if args.start_tp not in paths:
         paths[args.start_tp], _ = compile_once(tmp / backend, backend, args.start_tp)
     seconds = cold_start(paths[args.start_tp])
     records.append({**base, "what": "cold_start", "backend": backend, "tp": args.start_tp, "seconds": seconds})
     print(f"cold start {backend:9s} tp={args.start_tp}: {seconds:7.2f} s", flush=True)
+    save()
     times = latency(paths[args.start_tp], args.calls)
     records.append({**base, "what": "latency", "backend": backend, "tp": args.start_tp, "calls": len(times),
                     "p50_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
@@ -138,11 +141,12 @@ def main() -> None:
         compile_once(Path(tmp) / "warmup", "eager", tps[0])  # imports and first-capture costs, not recorded
         for backend in backends:
             try:
-                measure(backend, tps, args, base, Path(tmp), records)
+                measure(backend, tps, args, base, Path(tmp), records,
+                        save=lambda: out.write_text(json.dumps(records, indent=1) + "\n"))
             except Exception as e:  # keep the other backends' rows; the error is a record too
                 records.append({**base, "what": "error", "backend": backend, "error": repr(e)[-800:]})
                 print(f"{backend}: {records[-1]['error']}", flush=True)
-            out.write_text(json.dumps(records, indent=1) + "\n")  # after each backend: a time-out keeps the rest
+            out.write_text(json.dumps(records, indent=1) + "\n")
     table(records, tps)
     print(f"wrote {out}")
 
