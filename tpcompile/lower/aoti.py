@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.export import ExportedProgram
 
 from tpcompile.capture import retarget_device
@@ -47,6 +48,10 @@ def load(out_dir: Path, files: list[str], weights: dict, device) -> "Engine":
     torch._inductor.aoti_load_package, which probes the CPU's vector ISA by compiling test programs."""
     device = torch.device(device)
     path = Path(out_dir) / files[0]
+    if device.type != "cpu" and dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+        raise ValueError(f"{path}: an aoti engine runs its collectives inside the compiled package, and gloo crashes "
+                         f"on GPU tensors (all_gather); give each rank its own GPU with runtime.collectives=nccl, "
+                         f"or use backend=eager or inductor to share one GPU over gloo")
     loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1,
                                                    device.index if device.index is not None else -1)
     needed = loader.get_constant_fqns()
@@ -101,7 +106,6 @@ def _pythonpath() -> str:
 def _compile(source: str, package: str, device: str, group_name: str) -> None:
     """In the subprocess: fake process group named like the engine's, weights as empty tensors on `device`
     (their values are never read), the graph retargeted from its trace device, then AOTInductor."""
-    import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
     if dist.group.WORLD.group_name != group_name:

@@ -2,7 +2,9 @@
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.export import ExportedProgram
+from torch.fx import GraphModule
 
 from tpcompile.artifact import check_no_pickle
 from tpcompile.capture import retarget_device, set_tensor
@@ -23,9 +25,36 @@ def bind(path: Path, weights: dict, device) -> torch.nn.Module:
     check_no_pickle(path)  # torch.export.load can unpickle; ours never need to (artifact.check_no_pickle)
     gm = torch.export.load(path).module()
     retarget_device(gm, str(device))
+    if torch.device(device).type != "cpu" and dist.is_initialized() and dist.get_backend() == "gloo":
+        stage_collectives_on_host(gm, device)  # ranks sharing one GPU (runtime.collectives=gloo)
     for fqn, t in weights.items():
         set_tensor(gm, fqn, t)
     missing = [n for n, t in list(gm.named_parameters()) + list(gm.named_buffers()) if t.device.type == "meta"]
     if missing:
         raise ValueError(f"{path}: no tensor for {missing[:3]} ({len(missing)} in all); recompile the artifact")
     return gm
+
+
+def stage_collectives_on_host(gm: GraphModule, device) -> list[str]:
+    """gloo on GPU tensors crashes the process in all_gather_into_tensor (SIGSEGV; pytorch/pytorch#152645)
+    and only stages all_reduce through the host itself: copy every collective's input to the host and its
+    waited result back to `device`. Returns the collectives it staged."""
+    c10d = torch.ops._c10d_functional
+    g, staged = gm.graph, []
+    for node in list(g.nodes):
+        if (node.op != "call_function" or getattr(node.target, "namespace", "") != "_c10d_functional"
+                or node.target == c10d.wait_tensor.default):
+            continue
+        x = node.args[0]
+        with g.inserting_before(node):
+            host = g.call_function(torch.ops.aten._to_copy.default, (x,), {"device": torch.device("cpu")})
+        node.replace_input_with(x, host)
+        for wait in [u for u in node.users if u.target == c10d.wait_tensor.default]:
+            with g.inserting_after(wait):
+                back = g.call_function(torch.ops.aten._to_copy.default, (wait,), {"device": torch.device(device)})
+            wait.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+        staged.append(node.name)
+    if staged:
+        g.lint()
+        gm.recompile()
+    return staged
