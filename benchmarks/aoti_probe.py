@@ -1,0 +1,82 @@
+"""Where an AOTInductor engine of tpcompile fails on a device: each way of loading and running it in its own
+process, so a crash (SIGSEGV) is a result, not the end of the probe.
+
+    python benchmarks/aoti_probe.py ARTIFACT_DIR [--device cuda] [--out probe.json]
+
+Ways: `ours` (tpcompile.lower.aoti.load, user-managed constants), `copy` (load_constants copies),
+`package` (torch._inductor.aoti_load_package). Each prints the step it reached; the record keeps the last.
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from common import REPO, provenance  # benchmarks/common.py
+from tpcompile.cli import provenance as cli_provenance
+
+CHILD = r"""
+import faulthandler, sys
+faulthandler.enable()
+from pathlib import Path
+import torch
+from tpcompile.artifact import read_manifest
+from tpcompile.capture import dtype_of, example_inputs
+from tpcompile.lower import aoti
+from tpcompile.runtime.weights_io import load_rank_weights
+path, way, device = Path(sys.argv[1]), sys.argv[2], torch.device(sys.argv[3])
+index = -1 if device.type == "cpu" else (device.index or 0)
+m = read_manifest(path)
+w = load_rank_weights(path / m.rank_file(0), device)
+for fqn, spec in m.state.items():
+    w[fqn] = torch.zeros(spec["shape"], dtype=dtype_of(spec["dtype"]), device=device)
+g = m.graphs["forward"]
+file = path / g["files"][0]
+print("step: open", flush=True)
+if way == "ours":
+    engine = aoti.load(path, g["files"], w, device)
+    print("step: run", flush=True)
+    out = engine(*example_inputs(g["inputs"], device=str(device), seed=1))
+else:
+    if way == "copy":
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(file), "model", False, 1, index)
+    else:
+        loader = torch._inductor.aoti_load_package(str(file), device_index=index).loader
+    print("step: bind", flush=True)
+    loader.load_constants({f: w[f].contiguous().clone() for f in loader.get_constant_fqns()}, False, True)
+    print("step: run", flush=True)
+    out = loader.boxed_run(list(example_inputs(g["inputs"], device=str(device), seed=1)))
+if device.type == "cuda":
+    torch.cuda.synchronize()
+print("step: ok", [tuple(o.shape) for o in (out if isinstance(out, (list, tuple)) else [out])], flush=True)
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifact")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--ways", nargs="+", default=["ours", "copy", "package"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    for way in args.ways:
+        try:
+            r = subprocess.run([sys.executable, "-c", CHILD, args.artifact, way, args.device], cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+            rc, text = r.returncode, r.stdout + r.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, text = "timeout", str(e.stdout or "")
+        steps = [line for line in text.splitlines() if line.startswith("step: ")]
+        rows.append({"way": way, "rc": rc, "reached": steps[-1] if steps else None,
+                     "tail": "\n".join(line for line in text.splitlines() if "Warning" not in line)[-1500:]})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "tail"}), flush=True)
+    record = {**(provenance() if torch.cuda.is_available() else cli_provenance()), "what": "aoti engine load/run probe", "artifact": args.artifact, "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
