@@ -139,14 +139,15 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tpc-bench-") as tmp:
         compile_once(Path(tmp) / "warmup", "eager", tps[0])  # imports and first-capture costs, not recorded
+        def save():  # after every measurement: a time-out keeps what was measured
+            out.write_text(json.dumps(records, indent=1) + "\n")
         for backend in backends:
             try:
-                measure(backend, tps, args, base, Path(tmp), records,
-                        save=lambda: out.write_text(json.dumps(records, indent=1) + "\n"))
+                measure(backend, tps, args, base, Path(tmp), records, save)
             except Exception as e:  # keep the other backends' rows; the error is a record too
                 records.append({**base, "what": "error", "backend": backend, "error": repr(e)[-800:]})
                 print(f"{backend}: {records[-1]['error']}", flush=True)
-            out.write_text(json.dumps(records, indent=1) + "\n")
+                save()
     table(records, tps)
     print(f"wrote {out}")
 

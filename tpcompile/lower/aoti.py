@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.export import ExportedProgram
 
 from tpcompile.capture import retarget_device
-from tpcompile.lower import inductor
+from tpcompile.lower import eager, inductor
 
 COMPILE_TIMEOUT_S = 3600.0  # AOTInductor on a large model on few cores takes minutes, not hours
 
@@ -48,7 +48,7 @@ def load(out_dir: Path, files: list[str], weights: dict, device) -> "Engine":
     torch._inductor.aoti_load_package, which probes the CPU's vector ISA by compiling test programs."""
     device = torch.device(device)
     path = Path(out_dir) / files[0]
-    if device.type != "cpu" and dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+    if eager.gloo_on_gpu(device) and dist.get_world_size() > 1:
         raise ValueError(f"{path}: an aoti engine runs its collectives inside the compiled package, and gloo crashes "
                          f"on GPU tensors (all_gather); give each rank its own GPU with runtime.collectives=nccl, "
                          f"or use backend=eager or inductor to share one GPU over gloo")

@@ -25,7 +25,7 @@ def bind(path: Path, weights: dict, device) -> torch.nn.Module:
     check_no_pickle(path)  # torch.export.load can unpickle; ours never need to (artifact.check_no_pickle)
     gm = torch.export.load(path).module()
     retarget_device(gm, str(device))
-    if torch.device(device).type != "cpu" and dist.is_initialized() and dist.get_backend() == "gloo":
+    if gloo_on_gpu(device):
         stage_collectives_on_host(gm, device)  # ranks sharing one GPU (runtime.collectives=gloo)
     for fqn, t in weights.items():
         set_tensor(gm, fqn, t)
@@ -33,6 +33,11 @@ def bind(path: Path, weights: dict, device) -> torch.nn.Module:
     if missing:
         raise ValueError(f"{path}: no tensor for {missing[:3]} ({len(missing)} in all); recompile the artifact")
     return gm
+
+
+def gloo_on_gpu(device) -> bool:
+    """Ranks sharing a GPU (runtime.collectives=gloo): gloo's collectives then see GPU tensors."""
+    return torch.device(device).type != "cpu" and dist.is_initialized() and dist.get_backend() == "gloo"
 
 
 def stage_collectives_on_host(gm: GraphModule, device) -> list[str]:
