@@ -3,8 +3,8 @@ process, so a crash (SIGSEGV) is a result, not the end of the probe.
 
     python benchmarks/aoti_probe.py ARTIFACT_DIR [--device cuda] [--out probe.json]
 
-Ways: `ours` (tpcompile.lower.aoti.load, user-managed constants), `copy` (load_constants copies),
-`package` (torch._inductor.aoti_load_package). Each prints the step it reached; the record keeps the last.
+Ways: `ours` (tpcompile.lower.aoti.load), `managed` (the loader built directly, user-managed constants),
+`copy` (the same, load_constants copies), `package` (torch._inductor.aoti_load_package, copies). Each prints the step it reached; the record keeps the last.
 """
 import argparse
 import json
@@ -34,20 +34,26 @@ for fqn, spec in m.state.items():
     w[fqn] = torch.zeros(spec["shape"], dtype=dtype_of(spec["dtype"]), device=device)
 g = m.graphs["forward"]
 file = path / g["files"][0]
+x = list(example_inputs(g["inputs"], device=str(device), seed=1))
 print("step: open", flush=True)
 if way == "ours":
     engine = aoti.load(path, g["files"], w, device)
     print("step: run", flush=True)
-    out = engine(*example_inputs(g["inputs"], device=str(device), seed=1))
+    out = engine(*x)
 else:
-    if way == "copy":
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(file), "model", False, 1, index)
-    else:
+    if way == "package":
         loader = torch._inductor.aoti_load_package(str(file), device_index=index).loader
-    print("step: bind", flush=True)
-    loader.load_constants({f: w[f].contiguous().clone() for f in loader.get_constant_fqns()}, False, True)
+    else:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(file), "model", False, 1, index)
+    fqns = loader.get_constant_fqns()
+    bound = {f: w[f].to(device).contiguous().clone() for f in fqns}
+    print("step: bind", len(fqns), "constants on", sorted({str(t.device) for t in bound.values()}), flush=True)
+    if way == "managed":
+        loader.load_constants(bound, use_inactive=False, check_full_update=True, user_managed=True)
+    else:
+        loader.load_constants(bound, False, True)
     print("step: run", flush=True)
-    out = loader.boxed_run(list(example_inputs(g["inputs"], device=str(device), seed=1)))
+    out = loader.boxed_run(x)
 if device.type == "cuda":
     torch.cuda.synchronize()
 print("step: ok", [tuple(o.shape) for o in (out if isinstance(out, (list, tuple)) else [out])], flush=True)
@@ -58,7 +64,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--ways", nargs="+", default=["ours", "copy", "package"])
+    ap.add_argument("--ways", nargs="+", default=["ours", "managed", "copy", "package"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

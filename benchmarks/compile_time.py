@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a conf/model preset (default: llama_tiny with 8 heads)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/compile_<device>.json")
+    ap.add_argument("--keep", default=None, help="build the artifacts in this folder and keep them (default: a "
+                                                 "temporary folder, removed at the end)")
     args = ap.parse_args()
     backends, tps = args.backends.split(","), [int(t) for t in args.tps.split(",")]
     global MODEL
@@ -138,6 +140,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tpc-bench-") as tmp:
+        tmp = args.keep or tmp
         compile_once(Path(tmp) / "warmup", "eager", tps[0])  # imports and first-capture costs, not recorded
         def save():  # after every measurement: a time-out keeps what was measured
             out.write_text(json.dumps(records, indent=1) + "\n")
@@ -145,7 +148,7 @@ def main() -> None:
             try:
                 measure(backend, tps, args, base, Path(tmp), records, save)
             except Exception as e:  # keep the other backends' rows; the error is a record too
-                records.append({**base, "what": "error", "backend": backend, "error": repr(e)[-800:]})
+                records.append({**base, "what": "error", "backend": backend, "error": repr(e)[-3000:]})
                 print(f"{backend}: {records[-1]['error']}", flush=True)
                 save()
     table(records, tps)
