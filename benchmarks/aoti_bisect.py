@@ -8,7 +8,10 @@ Cases:
   external   aot_inductor.package_constants_in_so=False, weights bound with load_constants (copied);
   managed    the same package, weights bound user-managed (no copy), as tpcompile.lower.aoti.load does;
   ours       the toy through tpcompile.lower.aoti.lower (subprocess, fake process group, device retarget)
-             and tpcompile.lower.aoti.load.
+             and tpcompile.lower.aoti.load;
+  matmul     a module with no Triton kernel (one matmul), torch's defaults;
+  embed      in_so with aot_inductor.embed_kernel_binary (kernels inside the .so, not cubin files);
+  multi_arch in_so with aot_inductor.emit_multi_arch_kernel (fatbin with PTX).
 --package adds existing packages (e.g. a tpcompile engine's forward.pt2) to the cuda-gdb step only.
 """
 import argparse
@@ -26,7 +29,9 @@ import faulthandler, sys
 faulthandler.enable()
 from pathlib import Path
 import torch
-case, dev, pkg, phase = sys.argv[1:5]
+import json
+case, dev, pkg, phase, cfg = sys.argv[1:6]
+cfg = json.loads(cfg)
 class Toy(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -34,8 +39,14 @@ class Toy(torch.nn.Module):
         self.register_buffer("b", torch.ones(64))
     def forward(self, x):
         return torch.relu(self.lin(x)) + self.b
+class MatmulOnly(torch.nn.Module):  # no Triton kernel: the package holds no kernel binary
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 64))
+    def forward(self, x):
+        return x @ self.w
 torch.manual_seed(0)
-m = Toy().eval()
+m = (MatmulOnly() if case == "matmul" else Toy()).eval()
 x = torch.randn(4, 64)
 ref = m(x)
 weights = {k: v.detach().to(dev).contiguous().clone() for k, v in m.state_dict().items()}
@@ -47,7 +58,6 @@ if phase == "compile":
         aoti.lower(ep, Path(pkg).parent, Path(pkg).stem, device=dev)
     else:
         ep = torch.export.export(m.to(dev), (x.to(dev),))
-        cfg = {} if case == "in_so" else {"aot_inductor.package_constants_in_so": False}
         torch._inductor.aoti_compile_and_package(ep, package_path=pkg, inductor_configs=cfg)
     print("step: compiled", flush=True)
     sys.exit(0)
@@ -58,12 +68,12 @@ if case == "ours":
     print("step: bound", flush=True)
     y = engine(x.to(dev))
 else:
-    if case == "in_so":
+    if "aot_inductor.package_constants_in_so" not in cfg:
         loader = torch._inductor.aoti_load_package(pkg, device_index=index).loader
     else:
         loader = torch._C._aoti.AOTIModelPackageLoader(pkg, "model", False, 1, index)
     print("step: constructed", flush=True)
-    if case != "in_so":
+    if "aot_inductor.package_constants_in_so" in cfg:
         bound = {f: weights[f] for f in loader.get_constant_fqns()}
         if case == "managed":
             loader.load_constants(bound, use_inactive=False, check_full_update=True, user_managed=True)
@@ -76,6 +86,11 @@ torch.cuda.synchronize() if dev == "cuda" else None
 err = (y.cpu() - ref).abs().max().item()
 print("step: ok max abs err", err, flush=True)
 """
+
+EXTERNAL = {"aot_inductor.package_constants_in_so": False}
+CASES = {"in_so": {}, "external": EXTERNAL, "managed": EXTERNAL, "ours": EXTERNAL, "matmul": {},
+         "embed": {"aot_inductor.embed_kernel_binary": True},
+         "multi_arch": {"aot_inductor.emit_multi_arch_kernel": True}}
 
 GDB_CHILD = r"""
 import faulthandler, sys
@@ -106,11 +121,12 @@ def backtrace(package: str) -> str:
     gdb = shutil.which("cuda-gdb") or shutil.which("gdb")
     if not gdb:
         return "no cuda-gdb or gdb on PATH"
-    cmd = [gdb, "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40",
+    cmd = [gdb, "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 24",
            "--args", sys.executable, "-c", GDB_CHILD, package]
     try:
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-        return (r.stdout + r.stderr)[-6000:]
+        text = r.stdout + r.stderr
+        return text[text.find("signal SIGSEGV") - 200:][:9000] if "signal SIGSEGV" in text else text[-6000:]
     except subprocess.TimeoutExpired as e:
         return "timeout: " + str(e.stdout or "")[-3000:]
 
@@ -118,7 +134,7 @@ def backtrace(package: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--cases", nargs="+", default=["in_so", "external", "managed", "ours"])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--package", nargs="*", default=[], help="more packages for the cuda-gdb backtrace")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -130,8 +146,8 @@ def main():
             Path(pkg).parent.mkdir(exist_ok=True)
             row = {"case": case}
             if not Path(pkg).is_file():
-                row["compile"] = child(TOY, built, args.device, pkg, "compile", timeout=600)
-            row["load"] = child(TOY, case, args.device, pkg, "load")
+                row["compile"] = child(TOY, built, args.device, pkg, "compile", json.dumps(CASES[case]), timeout=600)
+            row["load"] = child(TOY, case, args.device, pkg, "load", json.dumps(CASES[case]))
             if row["load"]["rc"] != 0 and Path(pkg).is_file():
                 crashed.append(pkg)
             rows.append(row)
@@ -139,7 +155,7 @@ def main():
                               "load": [row["load"]["rc"], row["load"]["reached"]]}), flush=True)
         gdb = {p: backtrace(p) for p in (crashed[:1] + args.package)} if args.device == "cuda" else {}
         for p, text in gdb.items():
-            print(f"#### cuda-gdb on {p}\n{text[-2500:]}", flush=True)
+            print(f"#### cuda-gdb on {p}\n{text[:4000]}", flush=True)
     if args.out:
         import torch
         from tpcompile.cli import provenance
