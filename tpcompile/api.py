@@ -67,9 +67,11 @@ class Session:
     def __enter__(self) -> "Session":
         from tpcompile.runtime.launcher import WorkerGroup
         from tpcompile.runtime.restart import RestartingGroup
+        from tpcompile.lower import worker_env
         m = self.artifact.manifest
         options = dict(self.options)
         max_restarts = options.pop("max_restarts", 0)
+        options["env"] = {**worker_env(m.backend, m.device), **(options.get("env") or {})}
 
         def make_group():
             return WorkerGroup(tp=m.tp, handler="tpcompile.runtime.engine:make",

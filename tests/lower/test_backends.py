@@ -214,3 +214,22 @@ def test_split_graph_that_mutates_an_input_is_refused(tmp_path):
     program = torch.export.export(AddsToInput(), (torch.zeros(3),))
     with pytest.raises(ValueError, match=r"g: the split backends .*USER_INPUT_MUTATION x.*backend=aoti"):
         split_program(program, tmp_path, "g", ".onnx", lambda sub, file: {})
+
+
+def test_aoti_cuda_workers_preload_the_libstdcxx_torch_uses(monkeypatch):
+    """A CUDA aoti package crashes in its loader unless libstdc++ is preloaded (lower/aoti.worker_env); the
+    preload must name the library this process maps, keep the user's LD_PRELOAD, and start a process cleanly."""
+    from tpcompile.lower import worker_env
+    monkeypatch.setenv("LD_PRELOAD", "")
+    env = worker_env("aoti", "cuda")
+    lib = env["LD_PRELOAD"]
+    assert Path(lib).is_file() and Path(lib).name.startswith("libstdc++.so")
+    assert worker_env("aoti", "cpu") == {} and worker_env("eager", "cuda") == {}
+    maps = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=60)
+    assert maps.returncode == 0 and "ld.so" not in maps.stderr, maps.stderr
+    assert lib in maps.stdout  # preloaded although python itself needs no libstdc++
+    monkeypatch.setenv("LD_PRELOAD", "/opt/user/libx.so")
+    assert worker_env("aoti", "cuda")["LD_PRELOAD"] == f"{lib} /opt/user/libx.so"
+    monkeypatch.setenv("LD_PRELOAD", lib)
+    assert worker_env("aoti", "cuda") == {}

@@ -27,6 +27,14 @@ def backend(name: str):
     return BACKENDS[name]
 
 
+# environment a backend's worker processes need before they start (on top of the session's env)
+WORKER_ENV = {"aoti": aoti.worker_env}
+
+
+def worker_env(name: str, device: str) -> dict:
+    return WORKER_ENV[name](device) if name in WORKER_ENV else {}
+
+
 # packages an engine needs at load: their versions are recorded at compile and must match at load
 RUNTIME_PACKAGES = {"onnx": ["onnxruntime"], "tensorrt": ["torch-tensorrt", "tensorrt"]}
 NATIVE_CODE = {"aoti", "tensorrt"}  # engines holding machine code for the compile machine's CPU ISA or GPU sm

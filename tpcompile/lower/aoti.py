@@ -82,6 +82,30 @@ class Engine:
         return _pytree.tree_unflatten(self.loader.boxed_run([a.contiguous() for a in args]), self.out_spec)
 
 
+def worker_env(device) -> dict:
+    """Environment for the processes that load a CUDA package. Without it the package's loader crashes
+    (SIGSEGV) in its constructor, inside std::regex code of the package's wrapper library, for every package,
+    torch's own defaults included (torch 2.11+cu130, g++ 13, libstdc++ 6.0.33; H100 and H200;
+    benchmarks/aoti_bisect.py). Preloading the libstdc++ that torch already uses makes the same load work:
+    the library the wrapper was linked against then comes first in the symbol lookup."""
+    if torch.device(device).type != "cuda":
+        return {}
+    lib = _mapped_library("libstdc++.so")
+    preload = os.environ.get("LD_PRELOAD", "")
+    if lib is None or lib in preload.replace(":", " ").split():
+        return {}
+    return {"LD_PRELOAD": f"{lib} {preload}".strip()}
+
+
+def _mapped_library(name: str) -> str | None:
+    """Path of a shared library this process has loaded (Linux), e.g. the libstdc++ under torch."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split()[-1] for line in lines if name in line.rsplit("/", 1)[-1]), None)
+
+
 def _is_view(t: torch.Tensor) -> bool:
     """load_constants reads raw storage: a view with an offset (e.g. from one safetensors buffer, or
     narrow) gives wrong numbers, even NaN."""
