@@ -30,8 +30,12 @@ from tpcompile.lower import aoti
 from tpcompile.runtime.weights_io import load_rank_weights
 path, way, device = Path(sys.argv[1]), sys.argv[2], torch.device(sys.argv[3])
 index = -1 if device.type == "cpu" else (device.index or 0)
+if device.type == "cuda":  # as a worker does (runtime/engine.py): its device, and the overlapped load finished
+    torch.cuda.set_device(device)
 m = read_manifest(path)
 w = load_rank_weights(path / m.rank_file(0), device)
+if device.type == "cuda":
+    torch.cuda.synchronize(device)
 for fqn, spec in m.state.items():
     w[fqn] = torch.zeros(spec["shape"], dtype=dtype_of(spec["dtype"]), device=device)
 g = m.graphs["forward"]

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from tpcompile.artifact import read_manifest
 from tpcompile.capture import example_inputs
+from tpcompile.lower import worker_env
 from tpcompile.runtime.worker import one_line, serve_standalone
 
 
@@ -34,6 +35,11 @@ def main(argv=None) -> int:
         if "forward" not in manifest.graphs:
             raise ValueError(f"{args.artifact}: has graphs {sorted(manifest.graphs)}, not 'forward'; compile it with "
                              f"`tpcompile compile` (generation artifacts are served by `tpcompile generate`)")
+        device = args.device or manifest.device
+        extra = worker_env(manifest.backend, device)
+        if extra:  # must be set before the process starts (aoti on CUDA): start this rank again with it
+            os.execve(sys.executable, [sys.executable, "-m", "tpcompile.runtime.torchrun", *sys.argv[1:]],
+                      {**os.environ, **extra})
         specs = manifest.graphs["forward"]["inputs"]
         if args.inputs:
             tensors = load_file(args.inputs)
@@ -41,7 +47,7 @@ def main(argv=None) -> int:
         else:
             inputs = list(example_inputs(specs, device="cpu", seed=args.seed))
         replies = serve_standalone("tpcompile.runtime.engine:make", {"artifact": os.path.abspath(args.artifact)},
-                                   [("run", {"args": inputs})], device=args.device or manifest.device,
+                                   [("run", {"args": inputs})], device=device,
                                    timeout_s=args.timeout_s)
     except Exception as e:
         print(f"rank {os.environ.get('RANK')}: error: {one_line(e)}", file=sys.stderr)
