@@ -12,9 +12,10 @@ import tpcompile
 from tpcompile.cli import cmd_verify
 
 
-@pytest.mark.parametrize("model, tp, backend", [  # inductor where there are collectives to compile (~10 s each)
+# inductor at tp=2 only (~10 s per compile): tp=4 has the same ops and collectives with smaller shapes
+@pytest.mark.parametrize("model, tp, backend", [
     *[(model, tp, "eager") for model in ("llama_tiny", "mlp") for tp in (1, 2, 4)],
-    ("llama_tiny", 2, "inductor"), ("llama_tiny", 4, "inductor"), ("mlp", 2, "inductor")])
+    ("llama_tiny", 2, "inductor"), ("mlp", 2, "inductor")])
 def test_sharded_matches_unsharded(job_config, model, tp, backend):
     record = cmd_verify(job_config(f"model={model}", f"tp={tp}", f"backend={backend}"))
     assert record["ok"], record

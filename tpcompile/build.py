@@ -4,6 +4,7 @@
     preflight(...) -> the same up to the passes, no weights and no engine (`tpcompile inspect`)
 """
 import time
+from concurrent.futures import ThreadPoolExecutor
 from math import prod
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from torch.fx import GraphModule
 
 from tpcompile.artifact import MANIFEST, Manifest, cache_key, publish, staging_dir
 from tpcompile.capture import rank_program
-from tpcompile.lower import backend as get_backend, build_info
+from tpcompile.lower import CONCURRENT_LOWER, backend as get_backend, build_info
 from tpcompile.lower.inductor import user_options as inductor_options
 from tpcompile.passes import Partition, partition
 from tpcompile.passes.fuse_linears import fuse_linears
@@ -138,10 +139,19 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
     staging = staging_dir(Path(out_root), key)
     try:
         entries, codes = {}, []
-        for name, g in progress(graphs.items(), f"engines ({backend})", len(graphs)):
-            program = rank_program(pres[name].partition.gm, local_shapes, dtypes, g.example_args, trace_device)
-            codes.append(program.graph_module.code)
-            entries[name] = {"files": lower(program, staging, name, device=device), "inputs": g.input_specs}
+        # a backend whose lower() waits on a compiler process lowers the graphs side by side (prefill and
+        # decode: the second costs no extra wall time on a machine with cores to spare)
+        with ThreadPoolExecutor(max_workers=len(graphs) if backend in CONCURRENT_LOWER else 1) as pool:
+            files = {}
+            for name, g in graphs.items():
+                program = rank_program(pres[name].partition.gm, local_shapes, dtypes, g.example_args, trace_device)
+                codes.append(program.graph_module.code)
+                files[name] = (pool.submit(lower, program, staging, name, device=device)
+                               if backend in CONCURRENT_LOWER else lower(program, staging, name, device=device))
+            for name in progress(files, f"engines ({backend})", len(files)):
+                result = files[name]
+                entries[name] = {"files": result if isinstance(result, list) else result.result(),
+                                 "inputs": graphs[name].input_specs}
         _write_rank_weights(staging, plan, weights, source, dtypes, tp, local_shapes, fused)
         for name, content in (extra_files or {}).items():  # e.g. config.json, tokenizer: hashed like the rest
             (staging / name).write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())

@@ -27,6 +27,10 @@ def backend(name: str):
     return BACKENDS[name]
 
 
+# backends whose lower() waits on a compiler subprocess: an artifact's graphs are lowered side by side
+CONCURRENT_LOWER = {"aoti"}
+
+
 # environment a backend's worker processes need before they start (on top of the session's env)
 WORKER_ENV = {"aoti": aoti.worker_env}
 

@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: what the artifact was built for)")
     ap.add_argument("--seed", type=int, default=1, help="seed for random inputs when --inputs is not given")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="bound on rendezvous and every collective")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if "RANK" not in os.environ:
         print("tpcompile.runtime.torchrun: RANK is not set; start it with torchrun --nproc-per-node=TP", file=sys.stderr)
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
         device = args.device or manifest.device
         extra = worker_env(manifest.backend, device)
         if extra:  # must be set before the process starts (aoti on CUDA): start this rank again with it
-            os.execve(sys.executable, [sys.executable, "-m", "tpcompile.runtime.torchrun", *sys.argv[1:]],
+            os.execve(sys.executable, [sys.executable, "-m", "tpcompile.runtime.torchrun", *argv],
                       {**os.environ, **extra})
         specs = manifest.graphs["forward"]["inputs"]
         if args.inputs:
