@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO  # benchmarks/common.py
+from common import REPO, child  # benchmarks/common.py
 
 TOY = r"""
 import faulthandler, sys
@@ -102,18 +102,6 @@ print("step: open", flush=True)
 loader = torch._C._aoti.AOTIModelPackageLoader(pkg, "model", False, 1, 0)
 print("step: constructed", flush=True)
 """
-
-
-def child(code: str, *argv: str, timeout: int = 300) -> dict:
-    try:
-        r = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True,
-                           timeout=timeout)
-        rc, text = r.returncode, r.stdout + r.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, text = "timeout", str(e.stdout or "")
-    steps = [line for line in text.splitlines() if line.startswith("step: ")]
-    return {"rc": rc, "reached": steps[-1] if steps else None,
-            "tail": "\n".join(line for line in text.splitlines() if "Warning" not in line)[-1500:]}
 
 
 def backtrace(package: str) -> str:

@@ -9,13 +9,11 @@ Ways: `ours` (tpcompile.lower.aoti.load), `managed` (the loader built directly, 
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from common import REPO, provenance  # benchmarks/common.py
+from common import child, provenance  # benchmarks/common.py
 from tpcompile.cli import provenance as cli_provenance
 from tpcompile.lower import aoti
 
@@ -78,18 +76,10 @@ def main():
     # as tpcompile's workers start (lower/aoti.worker_env); --no-preload shows the crash without it
     env = {**os.environ, **({} if args.no_preload else aoti.worker_env(args.device))}
     for way in args.ways:
-        try:
-            r = subprocess.run([sys.executable, "-c", CHILD, args.artifact, way, args.device], cwd=REPO,
-                               capture_output=True, text=True, timeout=300, env=env)
-            rc, text = r.returncode, r.stdout + r.stderr
-        except subprocess.TimeoutExpired as e:
-            rc, text = "timeout", str(e.stdout or "")
-        steps = [line for line in text.splitlines() if line.startswith("step: ")]
-        rows.append({"way": way, "rc": rc, "reached": steps[-1] if steps else None,
-                     "tail": "\n".join(line for line in text.splitlines() if "Warning" not in line)[-1500:]})
+        rows.append({"way": way, **child(CHILD, args.artifact, way, args.device, env=env)})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "tail"}), flush=True)
-    record = {**(provenance() if torch.cuda.is_available() else cli_provenance()), "what": "aoti engine load/run probe", "artifact": args.artifact,
-              "env": {k: env[k] for k in ("LD_PRELOAD",) if k in env}, "rows": rows}
+    record = {**(provenance() if torch.cuda.is_available() else cli_provenance()),
+              "what": "aoti engine load/run probe", "artifact": args.artifact, "env": {k: env[k] for k in ("LD_PRELOAD",) if k in env}, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1))
 

@@ -66,3 +66,18 @@ def tpcompile_bench(model: str, backend: str, out: Path, batch=1, prompt=32, new
     rec = json.loads(Path(files[0]).read_text())
     rec["wall_seconds_with_compile"] = time.perf_counter() - t0
     return rec
+
+
+def child(code: str, *argv: str, timeout: int = 300, env: dict | None = None) -> dict:
+    """`python -c code argv...` in its own process, so a crash (SIGSEGV) is a result: its exit status, the
+    last "step: ..." line it printed and the tail of its output."""
+    try:
+        r = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True,
+                           timeout=timeout, env=env)
+        rc, text = r.returncode, r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, text = "timeout", str(e.stdout or "")
+    steps = [line for line in text.splitlines() if line.startswith("step: ")]
+    return {"rc": rc, "reached": steps[-1] if steps else None,
+            "tail": "\n".join(line for line in text.splitlines() if "Warning" not in line)[-1500:]}
+

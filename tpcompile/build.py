@@ -139,19 +139,18 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
     staging = staging_dir(Path(out_root), key)
     try:
         entries, codes = {}, []
-        # a backend whose lower() waits on a compiler process lowers the graphs side by side (prefill and
-        # decode: the second costs no extra wall time on a machine with cores to spare)
-        with ThreadPoolExecutor(max_workers=len(graphs) if backend in CONCURRENT_LOWER else 1) as pool:
-            files = {}
-            for name, g in graphs.items():
-                program = rank_program(pres[name].partition.gm, local_shapes, dtypes, g.example_args, trace_device)
-                codes.append(program.graph_module.code)
-                files[name] = (pool.submit(lower, program, staging, name, device=device)
-                               if backend in CONCURRENT_LOWER else lower(program, staging, name, device=device))
-            for name in progress(files, f"engines ({backend})", len(files)):
-                result = files[name]
-                entries[name] = {"files": result if isinstance(result, list) else result.result(),
-                                 "inputs": graphs[name].input_specs}
+        programs = {}
+        for name, g in graphs.items():
+            programs[name] = rank_program(pres[name].partition.gm, local_shapes, dtypes, g.example_args, trace_device)
+            codes.append(programs[name].graph_module.code)
+
+        def lower_one(name: str) -> list[str]:
+            return lower(programs[name], staging, name, device=device)
+        # a backend whose lower() waits on a compiler process lowers the graphs side by side (prefill and decode)
+        with ThreadPoolExecutor(max_workers=len(programs)) as pool:
+            lowered = (pool.map if backend in CONCURRENT_LOWER else map)(lower_one, programs)
+            for name, files in progress(zip(programs, lowered), f"engines ({backend})", len(programs)):
+                entries[name] = {"files": files, "inputs": graphs[name].input_specs}
         _write_rank_weights(staging, plan, weights, source, dtypes, tp, local_shapes, fused)
         for name, content in (extra_files or {}).items():  # e.g. config.json, tokenizer: hashed like the rest
             (staging / name).write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())

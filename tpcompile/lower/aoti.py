@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch.export import ExportedProgram
 from tpcompile.capture import retarget_device
 from tpcompile.lower import eager, inductor
 
+_SAVE_LOCK = threading.Lock()
 COMPILE_TIMEOUT_S = 3600.0  # AOTInductor on a large model on few cores takes minutes, not hours
 
 
@@ -30,7 +32,8 @@ def lower(program: ExportedProgram, out_dir: Path, name: str = "engine", *, devi
     package = Path(out_dir) / f"{name}.pt2"
     with tempfile.TemporaryDirectory(prefix="tpc-aoti-") as tmp:
         source = Path(tmp) / "program.pt2"
-        torch.export.save(program, source)
+        with _SAVE_LOCK:  # graphs lower on threads (lower.CONCURRENT_LOWER); export.save is not thread-safe
+            torch.export.save(program, source)
         cmd = [sys.executable, "-m", "tpcompile.lower.aoti", str(source), str(package), device, _group_name(program)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
