@@ -146,7 +146,7 @@ def main():
             print(f"#### cuda-gdb on {p}\n{text[:4000]}", flush=True)
     if args.out:
         import torch
-        from tpcompile.cli import provenance
+        from tpcompile.util import provenance
         Path(args.out).write_text(json.dumps({**provenance(), "torch": torch.__version__,
                                               "device_name": torch.cuda.get_device_name() if args.device == "cuda"
                                               else "cpu", "rows": rows, "backtraces": gdb}, indent=1))

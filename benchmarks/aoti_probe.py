@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from common import child, provenance  # benchmarks/common.py
-from tpcompile.cli import provenance as cli_provenance
+from tpcompile.util import provenance as cli_provenance
 from tpcompile.lower import aoti
 
 CHILD = r"""

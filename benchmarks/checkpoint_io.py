@@ -213,7 +213,7 @@ def main() -> None:
 
 
 def _provenance() -> dict:
-    from tpcompile.cli import provenance
+    from tpcompile.util import provenance
     return {"device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores", **provenance()}
 
 

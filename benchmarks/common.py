@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tpcompile.cli import provenance as cli_provenance
+from tpcompile.util import provenance as cli_provenance
 
 REPO = Path(__file__).resolve().parents[1]
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -86,7 +86,7 @@ def latency(path: Path, calls: int) -> list[float]:
 
 
 def provenance(device: str) -> dict:
-    from tpcompile.cli import provenance as cli_provenance
+    from tpcompile.util import provenance as cli_provenance
     if device == "cuda":
         from common import provenance as gpu_provenance  # benchmarks/common.py: GPU name and count, commit
         return {"device": "cuda", "cores": os.cpu_count(), **gpu_provenance()}

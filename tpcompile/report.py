@@ -233,8 +233,8 @@ def main(argv: list[str], debug: bool = False) -> int:
     except Exception as e:
         if debug:
             raise
-        from tpcompile.cli import _one_line
-        print(f"tpcompile report: error: {_one_line(e)}", file=sys.stderr)
+        from tpcompile.util import one_line
+        print(f"tpcompile report: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(rep.markdown())
     print("wrote " + ", ".join(str(p) for p in rep.files))

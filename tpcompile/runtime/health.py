@@ -53,7 +53,7 @@ def main(argv: list[str], debug: bool = False) -> int:
     except Exception as e:
         if debug:
             raise
-        from tpcompile.cli import _one_line
-        print(f"tpcompile health: error: {_one_line(e)}", file=sys.stderr)
+        from tpcompile.util import one_line
+        print(f"tpcompile health: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
