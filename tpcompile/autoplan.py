@@ -192,6 +192,15 @@ def derive_rules(gm: GraphModule, tp: int) -> list[Rule]:
     return derive_plan(gm, tp).rules
 
 
+def resolve_rules(gm: GraphModule, rules: list[Rule], tp: int) -> tuple[list[Rule], list[str], dict]:
+    """-> (rules, notes, applied) for make_plan: a plan with a rule of style auto is replaced by the rules derived
+    from the graph (applied: the passes derive_plan already ran on gm); any other plan is returned as given."""
+    if not any(r.style == "auto" for r in rules):
+        return rules, [], {}
+    auto = derive_plan(gm, tp)
+    return auto.rules, auto.notes, {"split_rowwise_bias": auto.split}
+
+
 def _generalise(rules: list[Rule], params: list[str]) -> list[Rule]:
     """Per-layer rules -> one rule per pattern ("layers.3.q.weight" -> "layers.*.q.weight") where every parameter
     the pattern matches gets the same rule; the others stay exact."""

@@ -13,6 +13,7 @@ import torch
 from torch.fx import GraphModule
 
 from tpcompile.artifact import MANIFEST, Manifest, cache_key, publish, staging_dir
+from tpcompile.autoplan import resolve_rules
 from tpcompile.capture import rank_program
 from tpcompile.lower import CONCURRENT_LOWER, backend as get_backend, build_info
 from tpcompile.lower.inductor import user_options as inductor_options
@@ -76,7 +77,8 @@ class Preflight:
 
 def preflight(gm: GraphModule, rules: list[Rule], tp: int, itemsize: int) -> Preflight:
     start = time.perf_counter()
-    plan = make_plan(gm, rules, tp)
+    rules, notes, applied = resolve_rules(gm, rules, tp)
+    plan = make_plan(gm, rules, tp, notes, applied)
     part = partition(gm, plan, GROUP_NAME)
     return Preflight(part, plan_table(plan, itemsize), time.perf_counter() - start, itemsize)
 

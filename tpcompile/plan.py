@@ -88,15 +88,14 @@ def param_nodes(gm: GraphModule) -> dict[str, Node]:
     return {n.target: n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(n.meta.get("val"), torch.Tensor)}
 
 
-def make_plan(gm: GraphModule, rules: list[Rule], tp: int) -> ShardPlan:
-    """Match every rule against the graph's parameters and check every cut before any work."""
+def make_plan(gm: GraphModule, rules: list[Rule], tp: int, notes=(), applied=None) -> ShardPlan:
+    """Match every rule against the graph's parameters and check every cut before any work.
+    Plan "auto" is resolved by the caller first (tpcompile.autoplan.resolve_rules gives rules, notes, applied)."""
     if tp < 1:
         raise PlanError(f"tp={tp}: the tensor-parallel degree must be >= 1")
-    notes, applied = [], {}
     if any(r.style == "auto" for r in rules):
-        from tpcompile.autoplan import derive_plan
-        auto = derive_plan(gm, tp)
-        rules, notes, applied = auto.rules, auto.notes, {"split_rowwise_bias": auto.split}
+        raise PlanError("plan rule style auto reached make_plan unresolved; derive the rules first with "
+                        "tpcompile.autoplan.resolve_rules(gm, rules, tp)")
     params = param_nodes(gm)
     styles, owner = {}, {}
     for rule in rules:
@@ -129,7 +128,7 @@ def make_plan(gm: GraphModule, rules: list[Rule], tp: int) -> ShardPlan:
             raise PlanError(f"parameter {fqn} {list(shape)} is {style}: dim {pl.dim} of size {shape[pl.dim]} is not "
                             f"divisible by tp={tp}; choose a tp that divides {shape[pl.dim]} or make it replicate")
         placements[fqn], shapes[fqn] = pl, shape
-    return ShardPlan(tp, rules, styles, placements, shapes, notes=notes, applied=applied)
+    return ShardPlan(tp, rules, styles, placements, shapes, notes=list(notes), applied=dict(applied or {}))
 
 
 def state_buffers(gm: GraphModule) -> list[str]:

@@ -9,7 +9,7 @@ from graphs.llama import Llama
 from tpcompile.build import GROUP_NAME, preflight
 from tpcompile.capture import capture
 from tpcompile.passes import ShardingError
-from tpcompile.passes.rules.views import _view_groups
+from tpcompile.passes.rules.views import view_groups
 from tpcompile.placement import Shard
 from tpcompile.plan import PlanError, load_rules
 
@@ -24,9 +24,9 @@ def llama(**kw):
 
 
 def test_view_groups_pair_split_and_merged_dims():
-    assert _view_groups((2, 16, 64), (2, 16, 4, 16)) == [([0], [0]), ([1], [1]), ([2], [2, 3])]
-    assert _view_groups((2, 16, 4, 16), (2, 16, 64)) == [([0], [0]), ([1], [1]), ([2, 3], [2])]
-    assert _view_groups((2, 1, 4), (2, 4)) == [([0], [0]), ([1, 2], [1])]
+    assert view_groups((2, 16, 64), (2, 16, 4, 16)) == [([0], [0]), ([1], [1]), ([2], [2, 3])]
+    assert view_groups((2, 16, 4, 16), (2, 16, 64)) == [([0], [0]), ([1], [1]), ([2, 3], [2])]
+    assert view_groups((2, 1, 4), (2, 4)) == [([0], [0]), ([1, 2], [1])]
 
 
 def test_llama_tp2_rewrites_every_head_view_and_inserts_one_all_reduce_per_rowwise_layer():

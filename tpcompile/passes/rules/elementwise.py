@@ -3,21 +3,31 @@ broadcast along d; partial sums stay partial through ops linear in them (P+P, P*
 a cut dim they do not reduce stays cut. index_copy: the written buffer and value must be cut alike (an
 unplaced state buffer, the KV cache, takes the value's placement).
 """
-from __future__ import annotations
-
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch.fx import Node
 
-from tpcompile.passes.rules import NeedPlacement, ShardingError, _broadcast_along, shape_of
+from tpcompile.passes.rules.walk import NeedPlacement, ShardingError, Walk, broadcast_along, rule, shape_of
 from tpcompile.placement import P, R, Partial, Placement, Replicate, Shard
 
-if TYPE_CHECKING:
-    from tpcompile.passes.propagate import _Walk
-
 aten = torch.ops.aten
+
+POINTWISE = [
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar,
+    aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar, aten.neg.default, aten.pow.Tensor_Scalar,
+    aten.pow.Scalar, aten.pow.Tensor_Tensor, aten.reciprocal.default, aten.rsqrt.default, aten.sqrt.default,
+    aten.exp.default, aten.log.default, aten.tanh.default, aten.sigmoid.default, aten.relu.default,
+    aten.silu.default, aten.gelu.default, aten.cos.default, aten.sin.default, aten.abs.default,
+    aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.clamp.default,
+    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default, aten.clone.default,
+    aten.contiguous.default, aten.dropout.default, aten.alias.default, aten.detach.default,
+    aten.lt.Scalar, aten.gt.Scalar, aten.eq.Scalar, aten.ge.Scalar, aten.le.Scalar, aten.ne.Scalar,
+    aten.minimum.default, aten.maximum.default, aten.erf.default, aten.tril.default, aten.triu.default,
+    aten.__and__.Tensor, aten.__or__.Tensor, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
+    aten.logical_and.default, aten.logical_or.default, aten.logical_not.default, aten.eq.Tensor, aten.ne.Tensor,
+    aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor, aten.clamp_min.default, aten.clamp_max.default,
+]
 
 
 def _aligned(out_ndim: int, arg, pl: Placement):
@@ -25,7 +35,8 @@ def _aligned(out_ndim: int, arg, pl: Placement):
     return pl.dim + out_ndim - len(shape_of(arg))
 
 
-def _rule_pointwise(w: _Walk, node: Node):
+@rule(*POINTWISE)
+def _rule_pointwise(w: Walk, node: Node):
     """Elementwise with broadcasting. S op R is S when R is broadcast (size 1) along the cut dim.
     Partial sums survive ops that are linear in them: P+P, P-P, -P, P*R, P/R."""
     out_shape = shape_of(node)
@@ -49,14 +60,15 @@ def _rule_pointwise(w: _Walk, node: Node):
     if len(dims) == 1:
         (pl,) = dims
         # replicated operands must be broadcast along the cut dim, or each rank would need its own slice
-        if all(_broadcast_along(a, len(out_shape), pl.dim) for a in tensors if a not in shards):
+        if all(broadcast_along(a, len(out_shape), pl.dim) for a in tensors if a not in shards):
             return pl
     for a in shards:
         w.require(node, a, R)
     return R
 
 
-def _rule_norm(w: _Walk, node: Node):
+@rule(aten.rms_norm.default, aten.layer_norm.default)
+def _rule_norm(w: Walk, node: Node):
     """rms_norm / layer_norm normalise over the trailing dims in normalized_shape: those must be whole."""
     x, normalized = node.args[0], node.args[1]
     px = w.pl(x)
@@ -68,7 +80,8 @@ def _rule_norm(w: _Walk, node: Node):
     return w.require(node, x, R)
 
 
-def _rule_softmax(w: _Walk, node: Node):
+@rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int)
+def _rule_softmax(w: Walk, node: Node):
     x, dim = node.args[0], node.args[1]
     px = w.pl(x)
     if isinstance(px, Shard) and px.dim != dim % len(shape_of(x)):
@@ -76,7 +89,8 @@ def _rule_softmax(w: _Walk, node: Node):
     return w.require(node, x, R)
 
 
-def _rule_index_copy(w: _Walk, node: Node):
+@rule(aten.index_copy_.default, aten.index_copy.default)
+def _rule_index_copy(w: Walk, node: Node):
     """self.index_copy_(dim, index, source): self and source are cut alike (not along `dim`).
     A state buffer that no rule placed takes the placement of what is written into it (the KV cache
     follows the k/v heads)."""
@@ -95,22 +109,6 @@ def _rule_index_copy(w: _Walk, node: Node):
     return pt
 
 
-def _rule_no_output(w: _Walk, node: Node):
+@rule(aten._assert_tensor_metadata.default)
+def _rule_no_output(w: Walk, node: Node):
     return R
-
-
-POINTWISE = [
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar,
-    aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar, aten.neg.default, aten.pow.Tensor_Scalar,
-    aten.pow.Scalar, aten.pow.Tensor_Tensor, aten.reciprocal.default, aten.rsqrt.default, aten.sqrt.default,
-    aten.exp.default, aten.log.default, aten.tanh.default, aten.sigmoid.default, aten.relu.default,
-    aten.silu.default, aten.gelu.default, aten.cos.default, aten.sin.default, aten.abs.default,
-    aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.clamp.default,
-    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default, aten.clone.default,
-    aten.contiguous.default, aten.dropout.default, aten.alias.default, aten.detach.default,
-    aten.lt.Scalar, aten.gt.Scalar, aten.eq.Scalar, aten.ge.Scalar, aten.le.Scalar, aten.ne.Scalar,
-    aten.minimum.default, aten.maximum.default, aten.erf.default, aten.tril.default, aten.triu.default,
-    aten.__and__.Tensor, aten.__or__.Tensor, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
-    aten.logical_and.default, aten.logical_or.default, aten.logical_not.default, aten.eq.Tensor, aten.ne.Tensor,
-    aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor, aten.clamp_min.default, aten.clamp_max.default,
-]

@@ -4,24 +4,18 @@ transpose, permute, t, unsqueeze, squeeze, select: S(d) -> S(d moved); expand, r
 -> S(d) with local sizes (GQA may widen the cut to tp pieces). split/slice along a fused dim at its
 parts' bounds keep each part cut; cat, split, slice or select along the cut dim gather first.
 """
-from __future__ import annotations
-
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch.fx import Node
 
-from tpcompile.passes.rules import NeedFewerWays, ShardingError, _rule_fallback, shape_of
+from tpcompile.passes.rules.walk import NeedFewerWays, ShardingError, Walk, fallback, rule, shape_of
 from tpcompile.placement import P, R, Partial, Shard
-
-if TYPE_CHECKING:
-    from tpcompile.passes.propagate import _Walk
 
 aten = torch.ops.aten
 
 
-def _view_groups(in_shape, out_shape):
+def view_groups(in_shape, out_shape):
     """Pair up the dims of a view: [(in dims, out dims)] with equal products, in order."""
     groups, i, j = [], 0, 0
     while i < len(in_shape) or j < len(out_shape):
@@ -39,7 +33,8 @@ def _view_groups(in_shape, out_shape):
     return groups
 
 
-def _rule_view(w: _Walk, node: Node):
+@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default)  # [B,T,H*D] S(2) -> [B,T,H,D] S(2), H -> H/tp
+def _rule_view(w: Walk, node: Node):
     """view/reshape: find the group of input dims the cut dim belongs to and cut the first non-1 output dim
     of that group instead. Only valid when the cut dim is the outermost non-1 dim of its group."""
     x = node.args[0]
@@ -49,7 +44,7 @@ def _rule_view(w: _Walk, node: Node):
     if not isinstance(px, Shard):
         return R
     in_shape, out_shape = shape_of(x), shape_of(node)
-    for gi, gj in _view_groups(in_shape, out_shape):
+    for gi, gj in view_groups(in_shape, out_shape):
         if px.dim not in gi:
             continue
         outer_in = [d for d in gi if in_shape[d] != 1]
@@ -82,31 +77,36 @@ def _map_dim(px, fn):
     return replace(px, dim=fn(px.dim)) if isinstance(px, Shard) else px
 
 
-def _rule_transpose(w: _Walk, node: Node):
+@rule(aten.transpose.int)                        # S(a) -> S(b)
+def _rule_transpose(w: Walk, node: Node):
     x, a, b = node.args
     nd = len(shape_of(x))
     a, b = a % nd, b % nd
     return _map_dim(w.pl(x), lambda d: b if d == a else a if d == b else d)
 
 
-def _rule_permute(w: _Walk, node: Node):
+@rule(aten.permute.default)
+def _rule_permute(w: Walk, node: Node):
     x, dims = node.args
     nd = len(shape_of(x))
     order = [d % nd for d in dims]
     return _map_dim(w.pl(x), lambda d: order.index(d))
 
 
-def _rule_t(w: _Walk, node: Node):
+@rule(aten.t.default)
+def _rule_t(w: Walk, node: Node):
     return _map_dim(w.pl(node.args[0]), lambda d: 1 - d)
 
 
-def _rule_unsqueeze(w: _Walk, node: Node):
+@rule(aten.unsqueeze.default)
+def _rule_unsqueeze(w: Walk, node: Node):
     x, dim = node.args
     dim = dim % (len(shape_of(x)) + 1)
     return _map_dim(w.pl(x), lambda d: d + 1 if d >= dim else d)
 
 
-def _rule_squeeze(w: _Walk, node: Node):
+@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def _rule_squeeze(w: Walk, node: Node):
     x = node.args[0]
     in_shape = shape_of(x)
     dims = node.args[1] if len(node.args) > 1 else [d for d, s in enumerate(in_shape) if s == 1]
@@ -114,7 +114,8 @@ def _rule_squeeze(w: _Walk, node: Node):
     return _map_dim(w.pl(x), lambda d: d - sum(1 for s in dims if s < d))
 
 
-def _rule_expand(w: _Walk, node: Node):
+@rule(aten.expand.default)                       # sizes[d] -> sizes[d] / ways
+def _rule_expand(w: Walk, node: Node):
     """expand keeps the cut dim; its size argument must be the local size.
     GQA as expand + reshape, (B, kv, 1, T, D) -> (B, kv, n_rep, T, D) -> (B, kv * n_rep, T, D), with kv heads
     cut into ways < tp pieces: the copies are identical, so each rank expands to n_rep * ways / tp and the
@@ -138,7 +139,8 @@ def _rule_expand(w: _Walk, node: Node):
     return Shard(d, px.ways)
 
 
-def _rule_repeat_interleave(w: _Walk, node: Node):
+@rule(aten.repeat_interleave.self_int)          # n -> n * ways / tp
+def _rule_repeat_interleave(w: Walk, node: Node):
     """repeat_interleave(x, n, dim) on the cut dim (GQA's kv expansion): each rank repeats its own heads
     so that the output is cut into tp pieces: n_local = n * ways / tp."""
     x, repeats = node.args[0], node.args[1]
@@ -152,7 +154,8 @@ def _rule_repeat_interleave(w: _Walk, node: Node):
     return Shard(px.dim, w.tp)
 
 
-def _rule_split(w: _Walk, node: Node):
+@rule(aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default)
+def _rule_split(w: Walk, node: Node):
     """chunk/split along an uncut dim: every part keeps the cut. Along a dim cut by parts (fused weights)
     into exactly those parts: each part stays cut, split sizes become local (chunk(n) needs no rewrite):
         split(qkv S/2[32,32,32], 32) -> split(qkv, 16) -> q, k, v S/2.  Along any other cut dim: gather."""
@@ -165,7 +168,7 @@ def _rule_split(w: _Walk, node: Node):
             and set(px.ways_of_parts()) == {w.tp}:
         if node.target == aten.split.Tensor:
             if len(set(sizes)) != 1:
-                _rule_fallback(w, node)
+                fallback(w, node)
                 return [R] * n
             w.rewrite(node, 1, sizes[0] // px.ways)
         elif node.target == aten.split_with_sizes.default:
@@ -178,7 +181,8 @@ def _rule_split(w: _Walk, node: Node):
     return [px] * n
 
 
-def _rule_slice(w: _Walk, node: Node):
+@rule(aten.slice.Tensor)
+def _rule_slice(w: Walk, node: Node):
     """slice along a dim cut by parts, at exactly one part's bounds: bounds become local.
         slice(qkv S/2[32,16,16], 2, 32, 48) -> slice(qkv, 2, 16, 24) -> k S/2"""
     x = node.args[0]
@@ -206,7 +210,8 @@ def _rule_slice(w: _Walk, node: Node):
     return px
 
 
-def _rule_cat(w: _Walk, node: Node):
+@rule(aten.cat.default)
+def _rule_cat(w: Walk, node: Node):
     tensors = node.args[0]
     dim = node.args[1] if len(node.args) > 1 else 0
     pls = {w.pl(t) for t in tensors}
@@ -219,7 +224,8 @@ def _rule_cat(w: _Walk, node: Node):
     return R
 
 
-def _rule_select(w: _Walk, node: Node):
+@rule(aten.select.int)
+def _rule_select(w: Walk, node: Node):
     x, dim = node.args[0], node.args[1] % len(shape_of(node.args[0]))
     px = w.pl(x)
     if isinstance(px, Shard) and px.dim == dim:
