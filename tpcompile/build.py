@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 from tpcompile.artifact import MANIFEST, Manifest, cache_key, publish, staging_dir
 from tpcompile.autoplan import resolve_rules
 from tpcompile.capture import rank_program
-from tpcompile.lower import CONCURRENT_LOWER, backend as get_backend, build_info
+from tpcompile.lower import backend as get_backend, build_info
 from tpcompile.lower.inductor import user_options as inductor_options
 from tpcompile.passes import Partition, partition
 from tpcompile.passes.fuse_linears import fuse_linears
@@ -107,7 +107,7 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
           generation: dict | None = None, extra_files: dict | None = None, fuse: bool = True, log=print) -> Path:
     """Compile every graph with the same plan into one artifact: weights are written once, state buffers
     (KV caches) are recorded and made at load, so prefill and decode share both."""
-    lower, _ = get_backend(backend)
+    lower = get_backend(backend).lower
     key = cache_key({**key_parts, "graphs": {n: [g.gm.code, g.input_specs] for n, g in graphs.items()},
                      "rules": [[r.match, r.style] + ([list(r.parts)] if r.parts else []) for r in rules], "tp": tp, "backend": backend,
                      "dtype": str(dtype), "device": device, "generation": generation, "fuse": fuse,
@@ -150,7 +150,7 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
             return lower(programs[name], staging, name, device=device)
         # a backend whose lower() waits on a compiler process lowers the graphs side by side (prefill and decode)
         with ThreadPoolExecutor(max_workers=len(programs)) as pool:
-            lowered = (pool.map if backend in CONCURRENT_LOWER else map)(lower_one, programs)
+            lowered = (pool.map if get_backend(backend).concurrent_lower else map)(lower_one, programs)
             for name, files in progress(zip(programs, lowered), f"engines ({backend})", len(programs)):
                 entries[name] = {"files": files, "inputs": graphs[name].input_specs}
         _write_rank_weights(staging, plan, weights, source, dtypes, tp, local_shapes, fused)

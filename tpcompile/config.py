@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from tpcompile.runtime.worker import COLLECTIVES, DEVICES  # the values the workers accept
+from tpcompile.runtime import COLLECTIVES, DEVICES  # the values the workers accept
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = ("float32", "bfloat16", "float16")

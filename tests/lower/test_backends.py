@@ -174,7 +174,7 @@ def test_split_graph_updates_its_state_like_eager(tmp_path, how):
     """The cache update of a split graph lands in the shared state tensor: in place through onnxruntime
     (the output bound to the cache's memory), or copied back from a segment that returns a new tensor (the
     tensorrt path, here the segment's GraphModule run by torch). Eager on the same calls is the reference."""
-    from tpcompile.lower import onnx as backend
+    from tpcompile.lower import onnx, split
     torch.manual_seed(0)
     model = Cached()
     program = torch.export.export(Cached(), (torch.zeros(2, 2, 4), torch.zeros(2, dtype=torch.long)))
@@ -187,16 +187,16 @@ def test_split_graph_updates_its_state_like_eager(tmp_path, how):
     def run(step, args):
         out = segments[step["file"]](*args)
         return list(out) if isinstance(out, (tuple, list)) else [out]
-    files = backend.split_program(program, tmp_path, "g", ".onnx" if how == "onnx" else ".pt2",
-                                  backend._export if how == "onnx" else keep)
+    files = split.split_program(program, tmp_path, "g", ".onnx" if how == "onnx" else ".pt2",
+                                onnx.export_segment if how == "onnx" else keep)
     spec = json.loads((tmp_path / files[0]).read_text())
     (segment,) = [s for s in spec["steps"] if s["op"] == "segment"]
     state = next(ph for ph, fqn in spec["params"].items() if fqn == "cache")
     assert [i for _, i in segment["inplace"]] == ([segment["args"].index(state)] if how == "onnx" else [])
     tensors = {"w": model.w.detach().clone(), "cache": torch.zeros(2, 8, 4)}
     cache = tensors["cache"]
-    steps = (backend.load(tmp_path, files, tensors, "cpu") if how == "onnx" else
-             backend.Steps(spec, tensors, torch.device("cpu"), run))
+    steps = (onnx.load(tmp_path, files, tensors, "cpu") if how == "onnx" else
+             split.Steps(spec, tensors, torch.device("cpu"), run))
     for pos in ([0, 1], [2, 3], [1, 5]):
         x = torch.randn(2, 2, 4)
         with torch.no_grad():
@@ -210,7 +210,7 @@ def test_split_graph_that_mutates_an_input_is_refused(tmp_path):
     class AddsToInput(torch.nn.Module):
         def forward(self, x):
             return x.add_(1) * 2
-    from tpcompile.lower.onnx import split_program
+    from tpcompile.lower.split import split_program
     program = torch.export.export(AddsToInput(), (torch.zeros(3),))
     with pytest.raises(ValueError, match=r"g: the split backends .*USER_INPUT_MUTATION x.*backend=aoti"):
         split_program(program, tmp_path, "g", ".onnx", lambda sub, file: {})

@@ -1,4 +1,4 @@
-"""Backends: each is one small function pair.
+"""Backends: one Backend record each, in one dict.
 
     lower(program: ExportedProgram, out_dir: Path, name="engine", *, device="cpu") -> list[str]
         engine files for one graph, written into out_dir, their names starting with `name`; `device` is the
@@ -7,45 +7,52 @@
         files as lower returned them; weights: fqn -> this rank's tensor, shared by all graphs of the
         artifact (a backend may replace an entry in place by an equal tensor, e.g. a contiguous copy)
 
-A plain dict is the registry, one entry per backend. Optional packages are imported inside lower/load.
+Optional packages are imported inside lower/load.
 """
+from dataclasses import dataclass
+from typing import Callable
+
 from tpcompile.lower import aoti, eager, inductor, onnx, tensorrt
 
+
+@dataclass(frozen=True)
+class Backend:
+    lower: Callable
+    load: Callable
+    worker_env: Callable[[str], dict] | None = None  # device -> env its worker processes need before they start
+    runtime_packages: tuple[str, ...] = ()  # needed at load: versions recorded at compile, must match at load
+    native_code: bool = False        # engines hold machine code for the compile machine's CPU ISA or GPU sm
+    concurrent_lower: bool = False   # lower() waits on a compiler subprocess: an artifact's graphs lower side by side
+
+
 BACKENDS = {
-    "eager": (eager.lower, eager.load),          # torch.export.save; run the graph as is
-    "inductor": (inductor.lower, inductor.load),  # same file; torch.compile at load time
-    "inductor_cudagraphs": (inductor.lower, inductor.load_cudagraphs),  # + CUDA graphs (mode="reduce-overhead")
-    "aoti": (aoti.lower, aoti.load),              # AOTInductor .pt2 package, compiled once; weights bound at load
-    "onnx": (onnx.lower, onnx.load),              # ONNX segments between collectives; onnxruntime + torch.distributed
-    "tensorrt": (tensorrt.lower, tensorrt.load),  # TensorRT segments between collectives (CUDA only)
+    "eager": Backend(eager.lower, eager.load),           # torch.export.save; run the graph as is
+    "inductor": Backend(inductor.lower, inductor.load),  # same file; torch.compile at load time
+    "inductor_cudagraphs": Backend(inductor.lower, inductor.load_cudagraphs),  # + CUDA graphs (reduce-overhead)
+    "aoti": Backend(aoti.lower, aoti.load, worker_env=aoti.worker_env,  # AOTInductor .pt2 package, compiled
+                    native_code=True, concurrent_lower=True),           # once; weights bound at load
+    "onnx": Backend(onnx.lower, onnx.load,               # ONNX segments between collectives; onnxruntime
+                    runtime_packages=("onnxruntime",)),  # + torch.distributed
+    "tensorrt": Backend(tensorrt.lower, tensorrt.load,   # TensorRT segments between collectives (CUDA only)
+                        runtime_packages=("torch-tensorrt", "tensorrt"), native_code=True),
 }
 
 
-def backend(name: str):
+def backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r} is not known; use one of {sorted(BACKENDS)}")
     return BACKENDS[name]
 
 
-# backends whose lower() waits on a compiler subprocess: an artifact's graphs are lowered side by side
-CONCURRENT_LOWER = {"aoti"}
-
-
-# environment a backend's worker processes need before they start (on top of the session's env)
-WORKER_ENV = {"aoti": aoti.worker_env}
-
-
 def worker_env(name: str, device: str) -> dict:
-    return WORKER_ENV[name](device) if name in WORKER_ENV else {}
-
-
-# packages an engine needs at load: their versions are recorded at compile and must match at load
-RUNTIME_PACKAGES = {"onnx": ["onnxruntime"], "tensorrt": ["torch-tensorrt", "tensorrt"]}
-NATIVE_CODE = {"aoti", "tensorrt"}  # engines holding machine code for the compile machine's CPU ISA or GPU sm
+    """Environment a backend's worker processes need before they start (on top of the session's env)."""
+    env = backend(name).worker_env
+    return env(device) if env is not None else {}
 
 
 def build_info(name: str, device: str) -> dict:
     """Manifest fields that say what a backend's engine needs at load (see artifact.check_compatible)."""
     from tpcompile.artifact import device_capability, package_versions
-    return {"backend_versions": package_versions(RUNTIME_PACKAGES.get(name, [])),
-            "device_capability": device_capability(device) if name in NATIVE_CODE else None}
+    b = backend(name)
+    return {"backend_versions": package_versions(list(b.runtime_packages)),
+            "device_capability": device_capability(device) if b.native_code else None}

@@ -32,7 +32,7 @@ def lower(program: ExportedProgram, out_dir: Path, name: str = "engine", *, devi
     package = Path(out_dir) / f"{name}.pt2"
     with tempfile.TemporaryDirectory(prefix="tpc-aoti-") as tmp:
         source = Path(tmp) / "program.pt2"
-        with _SAVE_LOCK:  # graphs lower on threads (lower.CONCURRENT_LOWER); export.save is not thread-safe
+        with _SAVE_LOCK:  # graphs lower on threads (Backend.concurrent_lower); export.save is not thread-safe
             torch.export.save(program, source)
         cmd = [sys.executable, "-m", "tpcompile.lower.aoti", str(source), str(package), device, _group_name(program)]
         try:

@@ -4,10 +4,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.export import ExportedProgram
-from torch.fx import GraphModule
 
 from tpcompile.artifact import check_no_pickle
 from tpcompile.capture import retarget_device, set_tensor
+from tpcompile.passes.stage_collectives_on_host import stage_collectives_on_host
 
 
 def lower(program: ExportedProgram, out_dir: Path, name: str = "engine", *, device: str = "cpu") -> list[str]:
@@ -38,28 +38,3 @@ def bind(path: Path, weights: dict, device) -> torch.nn.Module:
 def gloo_on_gpu(device) -> bool:
     """Ranks sharing a GPU (runtime.collectives=gloo): gloo's collectives then see GPU tensors."""
     return torch.device(device).type != "cpu" and dist.is_initialized() and dist.get_backend() == "gloo"
-
-
-def stage_collectives_on_host(gm: GraphModule, device) -> list[str]:
-    """gloo on GPU tensors crashes the process in all_gather_into_tensor (SIGSEGV; pytorch/pytorch#152645)
-    and only stages all_reduce through the host itself: copy every collective's input to the host and its
-    waited result back to `device`. Returns the collectives it staged."""
-    c10d = torch.ops._c10d_functional
-    g, staged = gm.graph, []
-    for node in list(g.nodes):
-        if (node.op != "call_function" or getattr(node.target, "namespace", "") != "_c10d_functional"
-                or node.target == c10d.wait_tensor.default):
-            continue
-        x = node.args[0]
-        with g.inserting_before(node):
-            host = g.call_function(torch.ops.aten._to_copy.default, (x,), {"device": torch.device("cpu")})
-        node.replace_input_with(x, host)
-        for wait in [u for u in node.users if u.target == c10d.wait_tensor.default]:
-            with g.inserting_after(wait):
-                back = g.call_function(torch.ops.aten._to_copy.default, (wait,), {"device": torch.device(device)})
-            wait.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
-        staged.append(node.name)
-    if staged:
-        g.lint()
-        gm.recompile()
-    return staged

@@ -1,6 +1,6 @@
-"""tensorrt: the onnx backend's split (compute segments between collectives), each segment compiled by
+"""tensorrt: the rank graph split at its collectives (lower/split.py, as for onnx), each segment compiled by
 torch_tensorrt ahead of time and saved as an ExportedProgram with the TensorRT engine inside; the collectives
-run by torch.distributed between them (`onnx.Steps`). CUDA only.
+run by torch.distributed between them (`split.Steps`). CUDA only.
 
     files: <name>.seg{i}.ep, <name>.steps.json
 
@@ -17,7 +17,7 @@ import torch
 from torch.export import ExportedProgram
 
 from tpcompile.capture import retarget_device
-from tpcompile.lower.onnx import Steps, split_program
+from tpcompile.lower.split import Steps, split_program
 
 INSTALL = "pip install 'tpcompile[tensorrt]' (torch-tensorrt, tensorrt) on a machine with CUDA and a GPU"
 

@@ -30,7 +30,7 @@ class RankEngine:
         for fqn, spec in m.state.items():  # KV caches: zeros, one tensor shared by every graph
             tensors[fqn] = torch.zeros(spec["shape"], dtype=dtype_of(spec["dtype"]), device=self.device)
         self.tensors = tensors  # this rank's weights and state, shared by its graphs
-        _, load = backend(m.backend)
+        load = backend(m.backend).load
         self.graphs = {name: load(self.path, g["files"], tensors, self.device) for name, g in m.graphs.items()}
         # weights: hash check + weights read (hash: the check alone), then engines bound; backends that compile
         # at load do it on the first call

@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from tpcompile.runtime import COLLECTIVES, DEVICES
 from tpcompile.runtime import worker as _w
 from tpcompile.runtime.channel import Channel, ChannelError, accept, encode, free_port, listen
 
@@ -114,10 +115,10 @@ class WorkerGroup:
                  heartbeat_timeout_s: float = 10.0, log_dir: str | None = None, env: dict | None = None):
         if not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tp must be an int >= 1, got {tp!r}")
-        if device not in _w.DEVICES:
-            raise ValueError(f"device {device!r} is not one of {_w.DEVICES}")
-        if collectives not in _w.COLLECTIVES:
-            raise ValueError(f"collectives {collectives!r} is not one of {_w.COLLECTIVES}")
+        if device not in DEVICES:
+            raise ValueError(f"device {device!r} is not one of {DEVICES}")
+        if collectives not in COLLECTIVES:
+            raise ValueError(f"collectives {collectives!r} is not one of {COLLECTIVES}")
         for name, value in (("start_timeout_s", start_timeout_s), ("call_timeout_s", call_timeout_s),
                             ("poll_s", poll_s), ("heartbeat_timeout_s", heartbeat_timeout_s)):
             if not value > 0:
@@ -138,6 +139,11 @@ class WorkerGroup:
         self._seq = 0
         self._temp_dir: str | None = None
         self._state = "new"  # new -> running -> closed; "failed" once anything went wrong
+
+    @property
+    def state(self) -> str:
+        """new -> running -> closed; failed once anything went wrong (then only close() is useful)."""
+        return self._state
 
     # ------------------------------------------------------------ lifecycle
 

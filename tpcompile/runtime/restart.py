@@ -41,7 +41,7 @@ class RestartingGroup:
     def call(self, op: str, payload: dict | None = None, *, timeout_s: float | None = None) -> list[dict]:
         if self.group is None:
             raise RuntimeError("RestartingGroup.call() before start()")
-        if self.group._state != "running":  # a previous request failed past its retry: start again if allowed
+        if self.group.state != "running":  # a previous request failed past its retry: start again if allowed
             self._restart(None)
         t0 = time.monotonic()
         try:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from tpcompile.runtime import COLLECTIVES, DEVICES
 from tpcompile.runtime.channel import ChannelClosed, ChannelError, connect
 
 ENV_PARENT = "TPC_PARENT_ADDR"
@@ -42,8 +43,6 @@ ENV_COLLECTIVES = "TPC_COLLECTIVES"
 ENV_START_TIMEOUT = "TPC_START_TIMEOUT_S"
 ENV_CALL_TIMEOUT = "TPC_CALL_TIMEOUT_S"
 HEARTBEAT_S = 1.0
-DEVICES = ("cpu", "cuda")
-COLLECTIVES = ("auto", "gloo", "nccl")
 
 
 # ---------------------------------------------------------------- shared by the launcher path and torchrun
