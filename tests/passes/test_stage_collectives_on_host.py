@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 from torch.fx import Graph, GraphModule
 
-from tpcompile.lower.eager import stage_collectives_on_host
+from tpcompile.passes.stage_collectives_on_host import stage_collectives_on_host
 
 c10d = torch.ops._c10d_functional
 aten = torch.ops.aten
