@@ -38,17 +38,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Static cache (B, KV, S, D) per layer, written in place at the token positions."""
+    """Static cache (B, KV, S + 1, D) per layer, written in place per row at the tokens' positions. Slot S is
+    scratch: padding tokens and idle rows write there, and no real query (position < S) reads it."""
 
-    def __init__(self, max_batch: int, max_seq: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    def __init__(self, max_batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
         super().__init__()
-        shape = (max_batch, n_kv_heads, max_seq, head_dim)
+        shape = (max_batch, n_kv_heads, slots, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, input_pos, k)  # (B, KV, S, D)[:, :, input_pos] = k
-        self.v.index_copy_(2, input_pos, v)
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """positions (B, T); k, v (B, T, KV, D): cache[b, :, positions[b, t]] = k[b, t] for every row b."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # (B, 1), broadcast over T
+        self.k[rows, :, positions] = k  # index_put_: the indexed dims (B, T) come first, then (KV, D)
+        self.v[rows, :, positions] = v
         return self.k, self.v
 
 
@@ -63,7 +66,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], input_pos: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -74,7 +77,7 @@ class Attention(nn.Module):
         if self.cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
         else:
-            k, v = self.cache.update(input_pos, k, v)  # (B, KV, S, D)
+            k, v = self.cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))  # (B, KV, S + 1, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -98,17 +101,18 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(dim, norm_eps)
         self.mlp = FeedForward(dim, ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope, input_pos=None, mask=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, input_pos, mask)
+    def forward(self, x: torch.Tensor, rope, positions=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, positions, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Llama(nn.Module):
     """input_ids (B, T) int64 -> logits (B, T, vocab).
 
-    After setup_cache(max_batch, max_seq): forward(input_ids (B, T), input_pos (T,), pad (B,)) writes the T
-    tokens at cache positions input_pos and returns the logits of the last one (B, vocab). Prompts are
-    left-padded: row b's first pad[b] cache positions are padding, masked out; its RoPE positions start at 0.
+    After setup_cache(max_batch, max_seq): forward(input_ids (B, T), positions (B, T)) writes token t of row b
+    at cache slot positions[b, t], which is also its RoPE position, and returns the logits of token T-1 of every
+    row (B, vocab). Every row is its own sequence from position 0; position S = max_seq marks a pad token or an
+    idle row (written to the scratch slot S, RoPE position 0, its output unused).
     """
 
     def __init__(self, vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int,
@@ -126,16 +130,16 @@ class Llama(nn.Module):
         self.max_seq = 0
 
     def setup_cache(self, max_batch: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
+        """max_seq + 1 slots per row: the last one is the scratch slot."""
         dtype = dtype or self.embed.weight.dtype
         for layer in self.layers:
             a = layer.attn
-            a.cache = KVCache(max_batch, max_seq, a.n_kv_heads, a.head_dim, dtype)
+            a.cache = KVCache(max_batch, max_seq + 1, a.n_kv_heads, a.head_dim, dtype)
         self.max_seq = max_seq
 
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                pad: torch.Tensor | None = None) -> torch.Tensor:
-        if input_pos is not None:
-            return self._forward_cached(input_ids, input_pos, pad)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is not None:
+            return self._forward_cached(input_ids, positions)
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)  # (B, T, C)
@@ -144,16 +148,15 @@ class Llama(nn.Module):
             x = layer(x, rope)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
-    def _forward_cached(self, input_ids, input_pos, pad):
-        positions = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) RoPE positions
-        kpos = torch.arange(self.max_seq, device=input_ids.device)
-        q_pos, k_pos = input_pos[None, :, None], kpos[None, None, :]
-        # a query sees earlier non-pad keys; a pad query sees itself only (no empty rows -> no NaN)
-        mask = (k_pos <= q_pos) & ((k_pos >= pad[:, None, None]) | (k_pos == q_pos))  # (B, T, S)
+    def _forward_cached(self, input_ids, positions):
+        S = self.max_seq
+        slots = torch.arange(S + 1, device=input_ids.device)
+        # query at p sees slots s <= p of its own row; a scratch query (p = S) sees all, so no row is empty
+        mask = slots[None, None, :] <= positions[:, :, None]  # (B, T, S + 1)
         x = self.embed(input_ids)
-        rope = self._rope(positions)
+        rope = self._rope(torch.where(positions == S, 0, positions))  # scratch tokens: RoPE position 0
         for layer in self.layers:
-            x = layer(x, rope, input_pos, mask[:, None])
+            x = layer(x, rope, positions, mask[:, None])
         return self.lm_head(self.norm(x[:, -1]))  # (B, V)
 
     def _rope(self, positions):

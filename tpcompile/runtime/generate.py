@@ -1,8 +1,9 @@
 """The generation loop, run inside every worker: chunked prefill, then one decode step per token.
 
-Prompts are left-padded to a multiple of the prefill chunk, so every row writes the same cache positions
-and the decode graph has static shapes (CUDA-graph friendly). Rank 0 samples and broadcasts the tokens, so
-every rank continues with the same token even if floating-point sampling differed.
+Both graphs take (input_ids (B, T), positions (B, T)): every row is its own sequence, at its own position.
+Prompts are left-padded to a multiple of the prefill chunk; pad tokens and idle rows get position S = max_seq,
+the scratch slot of the cache, which no real token reads. Rank 0 samples and broadcasts the tokens, so every
+rank continues with the same token even if floating-point sampling differed.
 """
 import math
 import time
@@ -10,6 +11,17 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
+
+
+def generation_inputs(max_batch: int, tokens: int, max_seq: int, vocab: int) -> tuple[list[dict], tuple]:
+    """The input specs of a prefill (tokens = prefill_chunk) or decode (tokens = 1) graph, and meta example
+    arguments to capture it with: input_ids (B, T) below vocab, positions (B, T) in [0, max_seq] (max_seq: the
+    scratch slot)."""
+    shape = [max_batch, tokens]
+    specs = [dict(name="input_ids", shape=shape, dtype="int64", high=vocab),
+             dict(name="positions", shape=shape, dtype="int64", high=max_seq + 1)]
+    args = tuple(torch.zeros(shape, dtype=torch.long, device="meta") for _ in specs)
+    return specs, args
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -46,17 +58,28 @@ def check_request(spec: dict, prompts: list[list[int]], max_new_tokens: int) -> 
             raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {spec['vocab_size']})")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    chunk = spec["prefill_chunk"]
+    chunk, limit = spec["prefill_chunk"], spec["max_seq"]
     longest = max(len(p) for p in prompts)
     total = math.ceil(longest / chunk) * chunk
-    if total > spec["max_seq"]:
+    if total > limit:
         raise ValueError(f"a prompt of {longest} tokens (padded to {total}, a multiple of prefill_chunk={chunk}) "
-                         f"is longer than max_seq={spec['max_seq']}; recompile with a larger max_seq")
-    if total + max_new_tokens - 1 > spec["max_seq"]:
-        raise ValueError(f"a prompt of {longest} tokens (padded to {total}) plus max_new_tokens={max_new_tokens} "
-                         f"passes the cache (max_seq={spec['max_seq']}); lower max_new_tokens to "
-                         f"{spec['max_seq'] - total + 1} or recompile with max_seq={total + max_new_tokens - 1}")
+                         f"is longer than max_seq={limit}; recompile with a larger max_seq")
+    if longest + max_new_tokens - 1 > limit:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} passes the cache "
+                         f"(max_seq={limit}); lower max_new_tokens to {limit - longest + 1} or recompile with "
+                         f"max_seq={longest + max_new_tokens - 1}")
     return total
+
+
+def left_padded(prompts: list[list[int]], rows: int, length: int, scratch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and positions (rows, length): prompt i right-aligned in row i at positions 0..len-1; the pads
+    before it and the rows after the prompts at the scratch position (token 0)."""
+    ids = torch.zeros(rows, length, dtype=torch.long)
+    positions = torch.full((rows, length), scratch, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
+        positions[i, length - len(p):] = torch.arange(len(p))
+    return ids, positions
 
 
 class Generation:
@@ -71,23 +94,19 @@ class Generation:
     def start(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
               top_p: float = 1.0, seed: int = 0, return_logits: bool = False) -> dict:
         total = check_request(self.spec, prompts, max_new_tokens)
-        B, chunk, n = self.spec["max_batch"], self.spec["prefill_chunk"], len(prompts)
-        ids = torch.zeros(B, total, dtype=torch.long)
-        pad = torch.full((B,), total - 1, dtype=torch.long)  # unused rows: one token, no empty attention rows
-        for i, p in enumerate(prompts):
-            ids[i, total - len(p):] = torch.tensor(p, dtype=torch.long)
-            pad[i] = total - len(p)
-        self.pad = pad.to(self.device)
+        B, chunk, n, S = self.spec["max_batch"], self.spec["prefill_chunk"], len(prompts), self.spec["max_seq"]
+        ids, positions = left_padded(prompts, B, total, S)
         self.options = (temperature, top_k, top_p)
         self.generator = torch.Generator(device=self.device).manual_seed(seed) if self.rank == 0 else None
         self.n, self.remaining, self.return_logits = n, max_new_tokens, return_logits
         start = time.perf_counter()
-        for c in range(total // chunk):
-            pos = torch.arange(c * chunk, (c + 1) * chunk, device=self.device)
-            logits = self.engine.graphs["prefill"](ids[:, c * chunk:(c + 1) * chunk].to(self.device), pos, self.pad)
+        for c in range(0, total, chunk):
+            logits = self.engine.graphs["prefill"](ids[:, c:c + chunk].to(self.device),
+                                                   positions[:, c:c + chunk].to(self.device))
         self.token = self._sample(logits)
-        self.pos = total
-        self.pos_t = torch.tensor([total], device=self.device)  # advanced on the device: no copy, no sync per step
+        # each row's next position, advanced on the device (no copy, no sync per step); idle rows stay at S
+        self.positions = torch.tensor([len(p) for p in prompts] + [S] * (B - n), device=self.device)
+        self.advance = (torch.arange(B) < n).long().to(self.device)
         self.active = True
         reply = self._emit([self.token], [logits])
         reply["prefill_seconds"] = self._elapsed(start)
@@ -98,9 +117,8 @@ class Generation:
             raise ValueError("no generation in progress; call generate_start first")
         tokens, logits_seen = [], []
         for _ in range(min(n, self.remaining)):
-            logits = self.engine.graphs["decode"](self.token[:, None], self.pos_t, self.pad)
-            self.pos += 1
-            self.pos_t = self.pos_t + 1  # a new tensor: an engine may keep a reference to the one it was given
+            logits = self.engine.graphs["decode"](self.token[:, None], self.positions[:, None])
+            self.positions = self.positions + self.advance  # a new tensor: an engine may keep the one it was given
             self.token = self._sample(logits)
             tokens.append(self.token)
             logits_seen.append(logits)

@@ -1,7 +1,7 @@
 """Rules for ops that work element by element or along one dim. Pointwise: S(d) op R -> S(d) when R is
 broadcast along d; partial sums stay partial through ops linear in them (P+P, P*R, ...). norm and softmax:
-a cut dim they do not reduce stays cut. index_copy: the written buffer and value must be cut alike (an
-unplaced state buffer, the KV cache, takes the value's placement).
+a cut dim they do not reduce stays cut. index_copy, index_put: the written buffer and value must be cut alike
+(an unplaced state buffer, the KV cache, takes the value's placement).
 """
 from dataclasses import replace
 
@@ -105,6 +105,49 @@ def _rule_index_copy(w: Walk, node: Node):
         raise ShardingError(f"{node.format_node()}: cannot write along the cut dim {dim}")
     if pt != ps:
         raise ShardingError(f"{node.format_node()}: writes a {ps} value into {target.name}, which is {pt}; "
+                            f"give both the same style")
+    return pt
+
+
+def _put_dims(ndim: int, indices) -> dict[int, int]:
+    """self dim -> dim of self[indices] for the dims no index tensor selects. The indexed dims become the index
+    shape: in place of the first when they are adjacent, else in front (numpy's advanced-indexing rule)."""
+    indexed = [d for d, ix in enumerate(indices) if ix is not None]
+    n_index = max((len(shape_of(ix)) for ix in indices if ix is not None), default=0)
+    adjacent = indexed == list(range(indexed[0], indexed[-1] + 1)) if indexed else True
+    lead = indexed[0] if adjacent and indexed else 0  # where the index shape goes
+    rest = [d for d in range(ndim) if d not in indexed]
+    return {d: i + (n_index if i >= lead else 0) for i, d in enumerate(rest)}
+
+
+@rule(aten.index_put_.default, aten.index_put.default)
+def _rule_index_put(w: Walk, node: Node):
+    """self[indices] = values (self[rows, :, positions] = k: a per-row KV cache write). self and values are
+    cut alike along a dim no index selects; the indices are whole. An unplaced state buffer takes the
+    placement of what is written into it, mapped to its own dim (the KV cache follows the k/v heads)."""
+    target, indices, values = node.args[:3]
+    for ix in indices:
+        if ix is not None:
+            w.require(node, ix, R)
+    pt, pv = w.pl(target), w.pl(values)
+    if isinstance(pv, Partial):
+        pv = w.require(node, values, R)
+    dims = _put_dims(len(shape_of(target)), indices)
+    n_index = max(len(shape_of(ix)) for ix in indices if ix is not None)
+    offset = n_index + len(dims) - len(shape_of(values))  # values broadcast against self[indices]
+    to_values = {d: v - offset for d, v in dims.items() if v >= offset}
+    if isinstance(pv, Shard):
+        dim = next((d for d, v in to_values.items() if v == pv.dim % len(shape_of(values))), None)
+        if dim is None:
+            raise ShardingError(f"{node.format_node()}: values are cut along dim {pv.dim}, which the indices "
+                                f"select; cut them along another dim")
+        want = replace(pv, dim=dim)
+    else:
+        want = R
+    if pt != want and target.op == "get_attr" and target.target in w.state and isinstance(pt, Replicate):
+        raise NeedPlacement(target.target, want)
+    if pt != want:
+        raise ShardingError(f"{node.format_node()}: writes a {pv} value into {target.name}, which is {pt}; "
                             f"give both the same style")
     return pt
 
