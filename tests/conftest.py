@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,14 @@ def job_config(tmp_path):
 
 
 REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "tpcompile.cli"]  # `tpcompile` as users run it, from this environment
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """run_cli(*args, cwd, timeout=300, env=None) -> the finished `tpcompile args` (stdout and stderr as text).
+    env: variables set over this process's environment."""
+    def run(*args: str, cwd, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+    return run

@@ -47,6 +47,7 @@ def hf_model(arch: str) -> nn.Module:
 IDS = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,tp", [("llama", 2), ("qwen2", 2), ("mistral_kv2", 4), ("phi3", 2), ("phi3", 4),
                                      ("gpt2", 2)])
 def test_transformers_decoder_with_auto_plan_matches_its_own_forward(tmp_path, arch, tp):

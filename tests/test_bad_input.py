@@ -6,8 +6,6 @@ check that it is refused before any engine is loaded.
 """
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import pytest
@@ -20,11 +18,6 @@ from tpcompile.runtime.engine import RankEngine, check_inputs
 from tpcompile.runtime.health import check_artifact
 
 
-def tpcompile_cli(*args, cwd, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tpcompile.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def _assert_one_line(r, message):
     assert r.returncode != 0, r.stdout
     assert message in r.stderr, r.stderr
@@ -33,6 +26,7 @@ def _assert_one_line(r, message):
 
 # ---------------------------------------------------------------- config (docs/errors.md: config)
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["model=nope"], "model=nope: no such option; use one of"),
     (["plan=nope"], "plan=nope: no such option; use one of"),
@@ -46,9 +40,8 @@ def _assert_one_line(r, message):
     (["nokey=1"], "Key 'nokey' not in 'JobConfig'"),
     (["+plan.rules=[{match: nope, style: colwise}]", "plan=replicate"], "'nope' -> colwise matches no parameter"),
 ])
-def test_bad_config(tmp_path, overrides, message):
-    r = tpcompile_cli("compile", *overrides, f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run",
-                      cwd=tmp_path)
+def test_bad_config(run_cli, tmp_path, overrides, message):
+    r = run_cli("compile", *overrides, f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     _assert_one_line(r, message)
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
 
@@ -214,14 +207,15 @@ def test_pickle_in_engine_is_refused(copy, monkeypatch):
         RankEngine(rank=0, world_size=2, device="cpu", artifact=str(copy))
 
 
-def test_health_cli(artifact, copy, tmp_path):
-    r = tpcompile_cli("health", str(artifact), cwd=tmp_path)
+@pytest.mark.slow
+def test_health_cli(run_cli, artifact, copy, tmp_path):
+    r = run_cli("health", str(artifact), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "files match their sha256" in r.stdout and "rank 1: alive, idle" in r.stdout and "rss" in r.stdout
     _flip(copy / "rank1.safetensors")
-    r = tpcompile_cli("health", str(copy), cwd=tmp_path)
+    r = run_cli("health", str(copy), cwd=tmp_path)
     _assert_one_line(r, "rank1.safetensors: sha256 does not match the manifest")
-    r = tpcompile_cli("health", str(tmp_path / "nope"), cwd=tmp_path)
+    r = run_cli("health", str(tmp_path / "nope"), cwd=tmp_path)
     _assert_one_line(r, "not an artifact (no manifest.json)")
 
 

@@ -3,9 +3,11 @@ unless it is one, and the next compile cleans the dead staging dirs and publishe
 import os
 import signal
 import subprocess
-import sys
 import time
 
+import pytest
+
+from tests.conftest import CLI
 from tpcompile.artifact import MANIFEST
 from tpcompile.runtime.health import check_artifact
 
@@ -14,16 +16,17 @@ KILL_POINTS = [None, "rank0.safetensors", "report.txt", MANIFEST]
 
 
 def _compile(tmp_path, engines):
-    return subprocess.Popen([sys.executable, "-m", "tpcompile.cli", "compile", "tp=2", f"out_dir={engines}",
-                             f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen([*CLI, "compile", "tp=2", f"out_dir={engines}", f"hydra.run.dir={tmp_path}/run"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def _published(engines):
     return [p for p in engines.iterdir() if not p.name.startswith(".tmp-")] if engines.exists() else []
 
 
-def test_killed_compiles_leave_nothing_that_looks_complete(tmp_path):
+@pytest.mark.slow
+def test_killed_compiles_leave_nothing_that_looks_complete(run_cli, tmp_path):
     engines = tmp_path / "engines"
     for point in KILL_POINTS:
         proc = _compile(tmp_path, engines)
@@ -44,8 +47,7 @@ def test_killed_compiles_leave_nothing_that_looks_complete(tmp_path):
             check_artifact(p)
         if _published(engines):
             break  # the compile finished before this kill point: nothing later to test
-    r = subprocess.run([sys.executable, "-m", "tpcompile.cli", "compile", "tp=2", f"out_dir={engines}",
-                        f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = run_cli("compile", "tp=2", f"out_dir={engines}", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     [artifact] = _published(engines)
     check_artifact(artifact)

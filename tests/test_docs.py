@@ -34,6 +34,7 @@ def test_docs_have_marked_commands():
     assert len(marked_blocks()) >= 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", marked_blocks())
 def test_doc_commands_run(tmp_path, script):
     r = run_in(tmp_path, script)

@@ -52,6 +52,7 @@ def verified(job):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sharded_matches_unsharded(verified, backend):
     record = verified(backend)
@@ -59,6 +60,7 @@ def test_sharded_matches_unsharded(verified, backend):
     assert 0 < record["max_abs_err"] and record["max_rel_err"] <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_engine_for_all_ranks_without_weights(verified, backend):
     path = Path(verified(backend)["artifact"])
@@ -83,6 +85,7 @@ def test_one_engine_for_all_ranks_without_weights(verified, backend):
     assert m.engine_files and not [f for f in m.engine_files if "rank" in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_workers_load_without_compiling(verified, backend, tmp_path):
     """The workers import no compiler: no Inductor (aoti's loader is built directly, skipping the ISA probe
@@ -99,6 +102,7 @@ def test_workers_load_without_compiling(verified, backend, tmp_path):
     torch.testing.assert_close(y, Artifact(verified("eager")["artifact"]).run(*x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_copied_artifact_runs_from_a_fresh_process(verified, backend, tmp_path):
     path = Path(verified(backend)["artifact"])
@@ -120,6 +124,7 @@ def test_copied_artifact_runs_from_a_fresh_process(verified, backend, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, message", [
     ({"torch_version": "2.0.0"}, r"built for torch 2\.0\.0, found torch .*; install torch==2\.0\.0 or recompile"),
     ({"tp": 4}, r"built for tp=4, found 2 ranks; start 4 ranks or compile for tp=2"),
@@ -138,6 +143,7 @@ def test_edited_manifest_is_refused_with_one_clear_message(verified, tmp_path, e
         check_compatible(read_manifest(path), path, world_size=2, device="cpu", pg_name="0")
 
 
+@pytest.mark.slow
 def test_edited_manifest_stops_the_workers_with_the_message(verified, tmp_path):
     path = tmp_path / "artifact"
     shutil.copytree(verified("aoti")["artifact"], path)
@@ -169,7 +175,7 @@ class Cached(torch.nn.Module):
         return c.sum(1) * 2
 
 
-@pytest.mark.parametrize("how", ["onnx", "copy"])
+@pytest.mark.parametrize("how", [pytest.param("onnx", marks=pytest.mark.slow), "copy"])
 def test_split_graph_updates_its_state_like_eager(tmp_path, how):
     """The cache update of a split graph lands in the shared state tensor: in place through onnxruntime
     (the output bound to the cache's memory), or copied back from a segment that returns a new tensor (the

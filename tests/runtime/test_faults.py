@@ -62,6 +62,7 @@ def _kill_when_busy(group_of, rank: int, op: str, kills: list) -> threading.Thre
     return t
 
 
+@pytest.mark.slow
 def test_kill_each_rank_restart_then_fail_10_times(tmp_path):
     """Per round, rank r = round % 2: (1) SIGKILL r mid-request -> detected and named, the group restarts
     (max_restarts=1) and the same request succeeds; (2) SIGKILL r again -> no restart left: WorkerError
