@@ -49,8 +49,8 @@ def tpcompile_bench(model: str, backend: str, out: Path, batch=1, prompt=32, new
     """`tpcompile bench` on cuda in a subprocess (bf16); its JSON record, or {"error": ...}."""
     results = out / f"tmp_{model}_tp{tp}_{backend}_b{batch}_p{prompt}"
     cmd = [sys.executable, "-m", "tpcompile.cli", "bench", f"model={model}", f"tp={tp}", "dtype=bfloat16",
-           "runtime.device=cuda", f"backend={backend}", f"max_batch={batch}", f"max_seq={max_seq}",
-           f"prefill_chunk={chunk}", f"bench.prompt_len={prompt}", f"bench.new_tokens={new}",
+           "runtime.device=cuda", f"backend={backend}", f"generation.max_batch={batch}", f"generation.max_seq={max_seq}",
+           f"generation.prefill_chunk={chunk}", f"bench.prompt_len={prompt}", f"bench.new_tokens={new}",
            f"bench.profile_steps={profile_steps}", f"bench.results_dir={results}", f"out_dir={out / 'engines'}",
            f"hydra.run.dir={out / 'hydra'}/{model}_tp{tp}_{backend}_{batch}_{prompt}", *extra]
     t0 = time.perf_counter()

@@ -50,10 +50,10 @@ def job(out_dir: Path, *overrides: str):
 
 
 def compile_once(out_dir: Path, backend: str, tp: int) -> tuple[Path, float]:
-    from tpcompile.cli import _build
+    from tpcompile.pipeline import build_artifact
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tpc-bench-inductor-")
     start = time.perf_counter()
-    path, *_ = _build(job(out_dir, f"backend={backend}", f"tp={tp}"))
+    path = build_artifact(job(out_dir, f"backend={backend}", f"tp={tp}")).path
     return path, time.perf_counter() - start
 
 

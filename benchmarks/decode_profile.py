@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
-from tpcompile.cli import build_generation
+from tpcompile.pipeline import build_generation
 from tpcompile.config import CONF_DIR, register
 from tpcompile.runtime.engine import RankEngine
 from tpcompile.runtime.generate import Generation
@@ -21,9 +21,9 @@ def main(overrides):
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         job = OmegaConf.to_object(compose("config", overrides=["tp=1", "dtype=bfloat16", "runtime.device=cuda",
-                                                               "max_batch=1", "max_seq=256", "prefill_chunk=32",
+                                                               "generation.max_batch=1", "generation.max_seq=256", "generation.prefill_chunk=32",
                                                                *overrides]))
-    path = build_generation(job)
+    path = build_generation(job).path
     engine = RankEngine(rank=0, world_size=1, device="cuda", artifact=str(path))
     gen = Generation(engine, 0, 1)
     gen.start([list(range(1, 33))], 100)

@@ -47,8 +47,8 @@ def compile_args(model: str, tp: int, work: Path) -> list[str]:
     """The same artifact `tpcompile bench` below asks for (same cache key), compiled ahead."""
     b = BENCH
     return ["compile", "kv_cache=true", f"model={model}", f"tp={tp}", "dtype=bfloat16", "runtime.device=cuda",
-            "backend=inductor_cudagraphs", f"max_batch={b['batch']}", f"max_seq={b['max_seq']}",
-            f"prefill_chunk={b['chunk']}", f"out_dir={work / 'engines'}", f"hydra.run.dir={work}/hydra/compile_tp{tp}"]
+            "backend=inductor_cudagraphs", f"generation.max_batch={b['batch']}", f"generation.max_seq={b['max_seq']}",
+            f"generation.prefill_chunk={b['chunk']}", f"out_dir={work / 'engines'}", f"hydra.run.dir={work}/hydra/compile_tp{tp}"]
 
 
 def summarize(work: Path, state: dict) -> None:

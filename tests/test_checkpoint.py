@@ -90,7 +90,7 @@ def test_cli_compile_and_export(checkpoints, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "tpcompile.cli", *args], cwd=tmp_path, capture_output=True,
                               text=True, timeout=300)
-    r = run("verify", "model=hf", f"model.path={checkpoints['qwen2']}", "tp=2", "per_layer=true",
+    r = run("verify", "model=hf", f"model.path={checkpoints['qwen2']}", "tp=2", "verify.per_layer=true",
             f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run")
     assert r.returncode == 0 and "verify OK" in r.stdout and "no block diverges" in r.stdout, r.stderr
     art = next(p for p in (tmp_path / "engines").iterdir() if not p.name.startswith("."))

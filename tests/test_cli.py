@@ -41,6 +41,8 @@ def test_inspect_prints_the_plan_and_writes_no_weights(tmp_path):
     (["runtime.collectives=nccl"], "runtime.collectives=nccl needs runtime.device=cuda"),
     (["runtime.collectives=mpi"], "runtime.collectives='mpi': use one of"),
     (["bench.new_tokens=1"], "bench.new_tokens=1: the first token comes from prefill"),
+    (["max_seq=64"], "max_seq=64: this key is now generation.max_seq; write generation.max_seq=64"),
+    (["generation.max_seq=100"], "generation.max_seq=100 is not a multiple of generation.prefill_chunk=16"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, overrides, message):
     r = tpcompile("verify", *overrides, f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
@@ -77,3 +79,15 @@ def test_unknown_model_names_the_choices(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     r = tpcompile("verify", "tp=3", "--debug", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_usage_lists_every_command_and_every_option_in_conf():
+    """The usage text is made from the command table and conf/, so it names what exists and nothing else."""
+    from tpcompile.cli import COMMANDS, PATH_COMMANDS, usage
+    from tpcompile.config import CONF_DIR
+    text = usage()
+    for name in [*COMMANDS, *PATH_COMMANDS]:
+        assert f"\n  {name} " in text
+    for group in ("model", "plan", "backend"):
+        line = next(l for l in text.splitlines() if l.strip().startswith(f"{group}="))
+        assert sorted(line.split("=", 1)[1].split("|")) == sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -68,7 +68,7 @@ def test_report_of_an_empty_dir_is_one_line(tmp_path):
 
 
 def test_inspect_render_draws_one_layer(tmp_path):
-    r = tpcompile("inspect", "tp=2", "render=true", "render_layer=1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    r = tpcompile("inspect", "tp=2", "inspect.render=true", "inspect.render_layer=1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "layers.1.attn.wq.weight" in r.stdout  # the text plan is printed with or without Graphviz
     text = (tmp_path / "run" / "layer1.txt").read_text()
@@ -85,7 +85,7 @@ def test_inspect_render_draws_one_layer(tmp_path):
 
 
 def test_render_layer_out_of_range_names_the_layers(tmp_path):
-    r = tpcompile("inspect", "render=true", "render_layer=9", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    r = tpcompile("inspect", "inspect.render=true", "inspect.render_layer=9", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode == 2 and "render_layer=9: the graph's layers are layers.0..layers.1" in r.stderr
 
 

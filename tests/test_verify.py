@@ -104,7 +104,7 @@ def test_per_layer_names_the_first_block_that_diverges(job_config):
     from safetensors.torch import save_file
 
     from tpcompile.artifact import sha256_file
-    good = cmd_verify(job_config("tp=2", "per_layer=true"))
+    good = cmd_verify(job_config("tp=2", "verify.per_layer=true"))
     assert good["ok"] and good["first_divergent"] is None and set(good["per_layer"]) == {"layers.0", "layers.1"}
     path = Path(good["artifact"])
     tensors = load_file(path / "rank1.safetensors")
@@ -113,6 +113,6 @@ def test_per_layer_names_the_first_block_that_diverges(job_config):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"]["rank1.safetensors"] = sha256_file(path / "rank1.safetensors")
     (path / "manifest.json").write_text(json.dumps(manifest))
-    bad = cmd_verify(job_config("tp=2", "per_layer=true"))
+    bad = cmd_verify(job_config("tp=2", "verify.per_layer=true"))
     assert bad["artifact"] == good["artifact"] and not bad["ok"]
     assert bad["first_divergent"] == "layers.1" and bad["per_layer"]["layers.0"]["ok"]

@@ -7,12 +7,9 @@ import torch
 from torch import nn
 
 from tpcompile.artifact import read_manifest
-from tpcompile.build import GraphSpec, build
-from tpcompile.capture import capture
 from tpcompile.plan import load_rules
 from tpcompile.probe import Probe, compare_per_layer
 from tpcompile.compare import VerifyReport, compare
-from tpcompile.weights import module_source
 
 DEFAULT_OUT = Path("outputs/engines")
 
@@ -148,51 +145,46 @@ def load(path) -> Artifact:
 def compile(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: str = "eager",
             out_dir=None, device: str = "cpu") -> Artifact:
     """Shard a model that holds its weights. plan: a name from conf/plan, a YAML path, or {pattern: style}."""
+    from tpcompile.pipeline import build_module
     example_args = tuple(example_args)
-    if any(t.device.type == "meta" for t in model.state_dict().values()):
+    state = model.state_dict()
+    if any(t.device.type == "meta" for t in state.values()):
         raise ValueError("the model has weights on the meta device; give it real weights, or compile a config "
                          "with `tpcompile compile model=...` (random weights from a seed)")
-    gm = capture(model, example_args)
-    state = model.state_dict()
     digest = hashlib.sha256()
     for name in sorted(state):
         digest.update(name.encode())
         digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    specs = [{"name": f"arg{i}", "shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch."),
-              "high": None} for i, a in enumerate(example_args)]
-    path = build({"forward": GraphSpec(gm, example_args, specs)}, rules=load_rules(plan), tp=tp, backend=backend,
-                 source=module_source(model), dtype=dtype, device=device, out_root=Path(out_dir or DEFAULT_OUT),
-                 key_parts={"weights": digest.hexdigest()}, trace_device="cpu", log=lambda *_: None)
+    path = build_module(model, example_args, tp=tp, rules=load_rules(plan), backend=backend,
+                        out_root=Path(out_dir or DEFAULT_OUT), device=device, key_parts={"weights": digest.hexdigest()})
     return Artifact(path)
-
 
 
 def compile_pretrained(path, *, tp: int, plan="megatron", backend: str = "eager", dtype: torch.dtype | None = None,
                        input_shape: tuple[int, int] = (1, 32), out_dir=None, device: str = "cpu") -> Artifact:
-    """Compile a Hugging Face checkpoint directory (config.json + safetensors, one file or indexed): the graph
-    named by conf/checkpoint/*.yaml is built with its sizes, every tensor is checked against the file headers,
-    then streamed once into per-rank files. dtype: the checkpoint's when None. input_shape: (batch, tokens)."""
-    return Artifact(build_pretrained(path, tp=tp, rules=load_rules(plan), backend=backend, dtype=dtype,
-                                     input_shape=input_shape, out_root=Path(out_dir or DEFAULT_OUT), device=device,
-                                     log=lambda *_: None)[0])
+    """Compile a Hugging Face checkpoint directory (config.json + safetensors, one file or indexed): every tensor
+    is checked against the file headers, then streamed once into per-rank files. dtype: the checkpoint's when
+    None. input_shape: (batch, tokens)."""
+    from tpcompile.pipeline import build_artifact
+    job = pretrained_job(path, tp=tp, plan=plan, backend=backend, dtype=dtype, input_shape=input_shape,
+                         out_dir=out_dir, device=device)
+    return Artifact(build_artifact(job, log=lambda *_: None).path)
 
 
-def build_pretrained(path, *, tp, rules, backend, dtype, input_shape, out_root, device, log=print, probe=False):
-    """-> (artifact path, Pretrained, meta model, input specs); shared by compile_pretrained and the CLI.
-    probe: the graph also returns every block's output (verify per_layer)."""
+def pretrained_job(path, *, tp: int, plan, backend: str, dtype: torch.dtype | None, input_shape, out_dir,
+                   device: str):
+    """The JobConfig the CLI would compose for `model=hf model.path=DIR`, from Python arguments."""
     from tpcompile.checkpoint import Pretrained
-    ckpt = Pretrained(path)
-    dtype = dtype or ckpt.dtype
-    model = ckpt.model(dtype)
-    ckpt.check(model, seq_len=input_shape[-1])
-    specs = [{"name": "input_ids", "shape": list(input_shape), "dtype": "int64", "high": ckpt.vocab_size}]
-    meta_args = (torch.empty(input_shape, dtype=torch.int64, device="meta"),)
-    gm = capture(Probe(model) if probe else model, meta_args)
-    out = build({"forward": GraphSpec(gm, meta_args, specs)}, rules=rules, tp=tp, backend=backend, source=ckpt.source,
-                dtype=dtype, device=device, out_root=Path(out_root), key_parts={"checkpoint": ckpt.fingerprint()},
-                extra_files=ckpt.artifact_files(), log=log)
-    return out, ckpt, model, specs
+    from tpcompile.config import (BackendConfig, InputSpec, JobConfig, ModelConfig, PlanConfig, RuleConfig,
+                                  RuntimeConfig)
+    dtype = dtype or Pretrained(path).dtype
+    rules = [RuleConfig(match=r.match, style=r.style, parts=list(r.parts) if r.parts else None)
+             for r in load_rules(plan)]
+    model = ModelConfig(name="hf", graph=None, path=str(path),
+                        inputs=[InputSpec(name="input_ids", shape=list(input_shape), dtype="int64")])
+    return JobConfig(model=model, plan=PlanConfig(name=str(plan), rules=rules), backend=BackendConfig(backend),
+                     runtime=RuntimeConfig(device=device), tp=tp, dtype=str(dtype).removeprefix("torch."),
+                     out_dir=str(out_dir or DEFAULT_OUT))
 
 
 def verify(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: str = "eager", out_dir=None,

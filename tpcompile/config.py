@@ -95,46 +95,65 @@ class BenchConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """tpcompile generate / bench (and compile kv_cache=true): the KV cache sizes are compiled in."""
+    max_seq: int = 128                 # cache length per row: padded prompt + new tokens must fit
+    max_batch: int = 4                 # rows of the cache: prompts generated together
+    prefill_chunk: int = 16            # prompts are prefilled in chunks of this many tokens (one static graph)
+    prompt: str = "Once upon a time"   # generate: the prompt (byte-level tokens for random-weight presets)
+    max_new_tokens: int = 32           # generate: tokens to produce after the prompt
+    temperature: float = 0.0           # 0: greedy
+    top_k: int = 0                     # 0: off
+    top_p: float = 1.0                 # 1.0: off
+    seed: int = 0                      # sampling seed
+    eos_token_id: Optional[int] = None # stop a row at this token (default: the checkpoint's generation_config)
+
+    def __post_init__(self):
+        for key in ("max_seq", "max_batch", "prefill_chunk"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"generation.{key}={getattr(self, key)}: must be >= 1")
+        if self.max_seq % self.prefill_chunk:
+            raise ConfigError(f"generation.max_seq={self.max_seq} is not a multiple of generation.prefill_chunk="
+                              f"{self.prefill_chunk}; choose generation.max_seq="
+                              f"{self.max_seq // self.prefill_chunk * self.prefill_chunk + self.prefill_chunk}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}: "
+                              f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+
+@dataclass
+class VerifyConfig:
+    """tpcompile verify: the sharded run against the unsharded model."""
+    tolerance: Optional[float] = None  # max relative error; default by dtype (fp32 1e-5, bf16 2e-2)
+    per_layer: bool = False            # also compare every block's output, name the first that diverges
+
+
+@dataclass
+class InspectConfig:
+    """tpcompile inspect: a picture of one layer of the partitioned graph (SVG with Graphviz's dot; DOT + text)."""
+    render: bool = False               # write layer<render_layer>.{dot,svg,txt} into the run dir
+    render_layer: int = 0              # which layer: the index under the first numbered module container
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = MISSING
     plan: PlanConfig = MISSING
     backend: BackendConfig = field(default_factory=BackendConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     tp: int = 2                        # tensor-parallel degree: number of ranks
     dtype: str = "float32"             # weights and activations
     out_dir: str = "outputs/engines"   # artifacts go to out_dir/<key>, relative to where tpcompile was started
-    tolerance: Optional[float] = None  # verify: max relative error; default by dtype (fp32 1e-5, bf16 2e-2)
     input_seed: int = 1                # run/verify draw their inputs from this seed
-    # generation (tpcompile generate / bench): the KV cache sizes are compiled in
     kv_cache: bool = False             # compile: build the prefill + decode artifact that generate and bench use
-    max_seq: int = 128                 # cache length: padded prompt + new tokens must fit
-    max_batch: int = 4                 # prompts per batch (rows of the cache)
-    prefill_chunk: int = 16            # prompts are prefilled in chunks of this many tokens (one static graph)
-    prompt: str = "Once upon a time"   # generate: the prompt (byte-level tokens for random-weight presets)
-    max_new_tokens: int = 32
-    temperature: float = 0.0           # 0: greedy
-    top_k: int = 0                     # 0: off
-    top_p: float = 1.0                 # 1.0: off
-    seed: int = 0                      # sampling seed (rank 0 samples and broadcasts)
-    eos_token_id: Optional[int] = None # stop a row at this token
-    # inspect: a picture of one layer of the partitioned graph (SVG with Graphviz's dot; DOT + text always)
-    per_layer: bool = False            # verify: also compare every block's output, name the first that diverges
-    render: bool = False               # inspect: write layer<render_layer>.{dot,svg,txt} into the run dir
-    render_layer: int = 0              # which layer: the index under the first numbered module container
 
     def __post_init__(self):
         if self.tp < 1:
             raise ConfigError(f"tp={self.tp}: the tensor-parallel degree must be >= 1")
-        for key in ("max_seq", "max_batch", "prefill_chunk"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
-        if self.max_seq % self.prefill_chunk:
-            raise ConfigError(f"max_seq={self.max_seq} is not a multiple of prefill_chunk={self.prefill_chunk}; "
-                              f"choose max_seq={self.max_seq // self.prefill_chunk * self.prefill_chunk + self.prefill_chunk}")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}: need "
-                              f"temperature >= 0, top_k >= 0, 0 < top_p <= 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: use one of {list(DTYPES)}")
         if self.runtime.device == "cuda":
@@ -143,6 +162,12 @@ class JobConfig:
             if have == 0 or (self.tp > have and self.runtime.collectives != "gloo"):
                 raise ConfigError(f"tp={self.tp} needs {self.tp} GPUs with runtime.device=cuda, found {have}; "
                                   f"lower tp, use runtime.device=cpu, or runtime.collectives=gloo to share GPUs")
+
+
+# keys that moved into a group: the CLI names the new key when an old one is given
+MOVED = {**{k: f"generation.{k}" for k in GenerationConfig.__dataclass_fields__},
+         "tolerance": "verify.tolerance", "per_layer": "verify.per_layer",
+         "render": "inspect.render", "render_layer": "inspect.render_layer"}
 
 
 def register() -> None:

@@ -6,14 +6,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tpcompile.capture import example_inputs
-from tpcompile.cli import _build, cmd_verify
+from tpcompile.pipeline import build_artifact
 from tpcompile.weights import materialize
 
 
 def test_torchrun_two_ranks_match_the_unsharded_model(job_config, tmp_path):
     job = job_config("tp=2")
-    path, model, specs, source, dtype = _build(job)
-    x = example_inputs(specs, device="cpu", seed=5)
+    built = build_artifact(job)
+    path, m = built.path, built.model
+    x = example_inputs(built.input_specs, device="cpu", seed=5)
     save_file({"input_ids": x[0]}, tmp_path / "in.safetensors")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                         "-m", "tpcompile.runtime.torchrun", str(path), "--inputs", str(tmp_path / "in.safetensors"),
@@ -21,5 +22,5 @@ def test_torchrun_two_ranks_match_the_unsharded_model(job_config, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines() if "error" in l.lower())[-3000:]
     with torch.no_grad():
-        ref = materialize(model, source, dtype)(*x)
+        ref = materialize(m.module, m.source, m.dtype)(*x)
     torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["output0"], ref, rtol=1e-5, atol=1e-5)
