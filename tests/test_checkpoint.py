@@ -86,10 +86,10 @@ def test_round_trip_is_bit_exact(checkpoints, tmp_path, family, tp, dtype):
         torch.testing.assert_close(hf_logits(tmp_path / "out", ids), hf_logits(src, ids), rtol=0, atol=0)
 
 
-def test_cli_compile_and_export(checkpoints, tmp_path):
+@pytest.mark.slow
+def test_cli_compile_and_export(run_cli, checkpoints, tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "tpcompile.cli", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
+        return run_cli(*args, cwd=tmp_path)
     r = run("verify", "model=hf", f"model.path={checkpoints['qwen2']}", "tp=2", "verify.per_layer=true",
             f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run")
     assert r.returncode == 0 and "verify OK" in r.stdout and "no block diverges" in r.stdout, r.stderr

@@ -199,6 +199,7 @@ def test_checkpoint_greedy_tokens_match_transformers_generate(tmp_path):
         assert tokens == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aoti", "onnx"])
 def test_compiled_engines_decode_the_same_tokens(artifacts, reference, backend):
     """The KV-cache graphs through AOTInductor (both graphs share the cache tensors bound at load) and

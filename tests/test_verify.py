@@ -15,7 +15,7 @@ from tpcompile.cli import cmd_verify
 # inductor at tp=2 only (~10 s per compile): tp=4 has the same ops and collectives with smaller shapes
 @pytest.mark.parametrize("model, tp, backend", [
     *[(model, tp, "eager") for model in ("llama_tiny", "mlp") for tp in (1, 2, 4)],
-    ("llama_tiny", 2, "inductor"), ("mlp", 2, "inductor")])
+    *[pytest.param(model, 2, "inductor", marks=pytest.mark.slow) for model in ("llama_tiny", "mlp")]])
 def test_sharded_matches_unsharded(job_config, model, tp, backend):
     record = cmd_verify(job_config(f"model={model}", f"tp={tp}", f"backend={backend}"))
     assert record["ok"], record
