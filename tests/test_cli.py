@@ -1,21 +1,12 @@
 """The CLI as users run it: subprocesses, Hydra overrides, multirun, one-line errors."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
 
-
-def tpcompile(*args, cwd, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", "tpcompile.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def test_multirun_writes_one_record_per_job(tmp_path):
-    r = tpcompile("verify", "-m", "tp=1,2", f"out_dir={tmp_path}/engines", f"hydra.sweep.dir={tmp_path}/sweep",
+@pytest.mark.slow
+def test_multirun_writes_one_record_per_job(run_cli, tmp_path):
+    r = run_cli("verify", "-m", "tp=1,2", f"out_dir={tmp_path}/engines", f"hydra.sweep.dir={tmp_path}/sweep",
                   cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     records = [json.loads((tmp_path / "sweep" / str(i) / "verify.json").read_text()) for i in (0, 1)]
@@ -24,14 +15,16 @@ def test_multirun_writes_one_record_per_job(tmp_path):
     assert all(rec["torch"] and rec["date"] and rec["commit"] for rec in records)
 
 
-def test_inspect_prints_the_plan_and_writes_no_weights(tmp_path):
-    r = tpcompile("inspect", "tp=4", f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+@pytest.mark.slow
+def test_inspect_prints_the_plan_and_writes_no_weights(run_cli, tmp_path):
+    r = run_cli("inspect", "tp=4", f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "layers.0.attn.wk.weight" in r.stdout and "S(0)/2" in r.stdout  # kv heads replicated at tp=4
     assert "insert_collectives: 5" in r.stdout  # 4 all-reduces, the head's all-gather
     assert not (tmp_path / "engines").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["tp=3"], "dim 0 of size 64 is not divisible by tp=3"),
     (["tp=0"], "tp=0: the tensor-parallel degree must be >= 1"),
@@ -44,40 +37,44 @@ def test_inspect_prints_the_plan_and_writes_no_weights(tmp_path):
     (["max_seq=64"], "max_seq=64: this key is now generation.max_seq; write generation.max_seq=64"),
     (["generation.max_seq=100"], "generation.max_seq=100 is not a multiple of generation.prefill_chunk=16"),
 ])
-def test_bad_input_is_one_line_and_nonzero(tmp_path, overrides, message):
-    r = tpcompile("verify", *overrides, f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+def test_bad_input_is_one_line_and_nonzero(run_cli, tmp_path, overrides, message):
+    r = run_cli("verify", *overrides, f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode != 0
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
 
 
-def test_bad_inductor_options_are_one_line(tmp_path):
-    env = {**os.environ, "TPCOMPILE_INDUCTOR_OPTIONS": "{coordinate_descent_tuning: 1}"}
-    r = tpcompile("compile", f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env)
+@pytest.mark.slow
+def test_bad_inductor_options_are_one_line(run_cli, tmp_path):
+    env = {"TPCOMPILE_INDUCTOR_OPTIONS": "{coordinate_descent_tuning: 1}"}
+    r = run_cli("compile", f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env)
     assert r.returncode != 0
     assert "TPCOMPILE_INDUCTOR_OPTIONS='{coordinate_descent_tuning: 1}' is not JSON" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
 
 
-def test_inductor_options_are_part_of_the_artifact_key(tmp_path):
+@pytest.mark.slow
+def test_inductor_options_are_part_of_the_artifact_key(run_cli, tmp_path):
     """An AOTInductor engine is compiled with these settings, so other settings must not reuse it."""
     out = tmp_path / "engines"
     for i, value in enumerate(["", '{"coordinate_descent_tuning": true}']):
-        env = {**os.environ, "TPCOMPILE_INDUCTOR_OPTIONS": value}
-        r = tpcompile("compile", "tp=1", f"out_dir={out}", f"hydra.run.dir={tmp_path}/run{i}", cwd=tmp_path, env=env)
+        env = {"TPCOMPILE_INDUCTOR_OPTIONS": value}
+        r = run_cli("compile", "tp=1", f"out_dir={out}", f"hydra.run.dir={tmp_path}/run{i}", cwd=tmp_path, env=env)
         assert r.returncode == 0, r.stderr
     assert len([d for d in out.iterdir() if (d / "manifest.json").is_file()]) == 2
 
 
-def test_unknown_model_names_the_choices(tmp_path):
-    r = tpcompile("compile", "model=nope", cwd=tmp_path)
+@pytest.mark.slow
+def test_unknown_model_names_the_choices(run_cli, tmp_path):
+    r = run_cli("compile", "model=nope", cwd=tmp_path)
     assert r.returncode != 0 and "llama_tiny" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    r = tpcompile("verify", "tp=3", "--debug", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+@pytest.mark.slow
+def test_debug_shows_the_traceback(run_cli, tmp_path):
+    r = run_cli("verify", "tp=3", "--debug", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
