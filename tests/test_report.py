@@ -15,9 +15,7 @@ from tests.conftest import REPO
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def tpcompile(*args, cwd, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tpcompile.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+pytestmark = pytest.mark.slow  # every test here runs the CLI in a subprocess
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +32,8 @@ def sweep(tmp_path_factory):
     return tmp / "sweep"
 
 
-def test_report_tables_a_sweep_and_draws_it(sweep):
-    r = tpcompile("report", str(sweep), cwd=sweep)
+def test_report_tables_a_sweep_and_draws_it(run_cli, sweep):
+    r = run_cli("report", str(sweep), cwd=sweep)
     assert r.returncode == 0, r.stderr
     records = {json.loads((sweep / j / "bench.json").read_text())["tp"]: j for j in ("0", "1")}
     assert records == {1: "0", 2: "1"}
@@ -61,14 +59,14 @@ def test_report_tables_a_sweep_and_draws_it(sweep):
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0, name
 
 
-def test_report_of_an_empty_dir_is_one_line(tmp_path):
-    r = tpcompile("report", str(tmp_path), cwd=tmp_path)
+def test_report_of_an_empty_dir_is_one_line(run_cli, tmp_path):
+    r = run_cli("report", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 2 and "no bench.json or verify.json" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_inspect_render_draws_one_layer(tmp_path):
-    r = tpcompile("inspect", "tp=2", "inspect.render=true", "inspect.render_layer=1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+def test_inspect_render_draws_one_layer(run_cli, tmp_path):
+    r = run_cli("inspect", "tp=2", "inspect.render=true", "inspect.render_layer=1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "layers.1.attn.wq.weight" in r.stdout  # the text plan is printed with or without Graphviz
     text = (tmp_path / "run" / "layer1.txt").read_text()
@@ -84,25 +82,25 @@ def test_inspect_render_draws_one_layer(tmp_path):
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "all_reduce" in svg
 
 
-def test_render_layer_out_of_range_names_the_layers(tmp_path):
-    r = tpcompile("inspect", "inspect.render=true", "inspect.render_layer=9", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+def test_render_layer_out_of_range_names_the_layers(run_cli, tmp_path):
+    r = run_cli("inspect", "inspect.render=true", "inspect.render_layer=9", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert r.returncode == 2 and "render_layer=9: the graph's layers are layers.0..layers.1" in r.stderr
 
 
-def test_cfg_job_and_info_are_hydras(tmp_path):
-    r = tpcompile("bench", "--cfg", "job", "tp=4", "bench.new_tokens=8", cwd=tmp_path)
+def test_cfg_job_and_info_are_hydras(run_cli, tmp_path):
+    r = run_cli("bench", "--cfg", "job", "tp=4", "bench.new_tokens=8", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     from omegaconf import OmegaConf
     cfg = OmegaConf.create(r.stdout)
     assert cfg.tp == 4 and cfg.bench.new_tokens == 8 and cfg.render is False and "hydra" not in cfg
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
-    r = tpcompile("verify", "--info", "defaults", cwd=tmp_path)
+    r = run_cli("verify", "--info", "defaults", cwd=tmp_path)
     assert r.returncode == 0 and "model/llama_tiny" in r.stdout and "plan/megatron" in r.stdout, r.stderr
 
 
-def test_slurm_launcher_config_composes(tmp_path):
+def test_slurm_launcher_config_composes(run_cli, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
-    r = tpcompile("bench", "tp=2", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra",
+    r = run_cli("bench", "tp=2", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra",
                   "-p", "hydra.launcher", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     from omegaconf import OmegaConf

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -10,6 +11,7 @@ from tpcompile.pipeline import build_artifact
 from tpcompile.weights import materialize
 
 
+@pytest.mark.slow  # torchrun in a subprocess
 def test_torchrun_two_ranks_match_the_unsharded_model(job_config, tmp_path):
     job = job_config("tp=2")
     built = build_artifact(job)
