@@ -107,17 +107,50 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
           generation: dict | None = None, extra_files: dict | None = None, fuse: bool = True, log=print) -> Path:
     """Compile every graph with the same plan into one artifact: weights are written once, state buffers
     (KV caches) are recorded and made at load, so prefill and decode share both."""
-    lower = get_backend(backend).lower
     key = cache_key({**key_parts, "graphs": {n: [g.gm.code, g.input_specs] for n, g in graphs.items()},
-                     "rules": [[r.match, r.style] + ([list(r.parts)] if r.parts else []) for r in rules], "tp": tp, "backend": backend,
-                     "dtype": str(dtype), "device": device, "generation": generation, "fuse": fuse,
-                     "inductor_options": inductor_options()})
+                     "rules": [[r.match, r.style] + ([list(r.parts)] if r.parts else []) for r in rules], "tp": tp,
+                     "backend": backend, "dtype": str(dtype), "device": device, "generation": generation,
+                     "fuse": fuse, "inductor_options": inductor_options()})
     final = Path(out_root) / key
     if (final / MANIFEST).is_file():
         log(f"artifact {final} exists: reusing it")
         return final
-    itemsize = torch.finfo(dtype).bits // 8
-    pres = {name: preflight(g.gm, rules, tp, itemsize) for name, g in progress(graphs.items(), "passes", len(graphs))}
+    pres = {name: preflight(g.gm, rules, tp, torch.finfo(dtype).bits // 8)
+            for name, g in progress(graphs.items(), "passes", len(graphs))}
+    layout = _layout(pres, dtype, fuse)
+    staging = staging_dir(Path(out_root), key)
+    try:
+        programs = {name: rank_program(pres[name].partition.gm, layout.local_shapes, layout.dtypes, g.example_args,
+                                       trace_device) for name, g in graphs.items()}
+        entries = _lower_all(programs, backend, staging, device, graphs)
+        _write_rank_weights(staging, layout.plan, layout.weights, source, layout.dtypes, tp, layout.local_shapes,
+                            layout.fused)
+        for name, content in (extra_files or {}).items():  # e.g. config.json, tokenizer: hashed like the rest
+            (staging / name).write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())
+        (staging / "report.txt").write_text("\n\n".join(f"== {n} ==\n{p.report()}" for n, p in pres.items()) + "\n")
+        codes = [program.graph_module.code for program in programs.values()]
+        manifest = _manifest(key, layout, pres, entries, codes, tp=tp, backend=backend, dtype=dtype, device=device,
+                             generation=generation)
+        return publish(staging, manifest, final)
+    except BaseException:
+        import shutil
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@dataclass
+class _Layout:
+    """What every rank holds: the plan, the tensors written to the rank files (after fusing) and their dtypes,
+    the state made at load (KV caches), local shapes, and the fused weights' parts."""
+    plan: object
+    weights: list
+    state: list
+    dtypes: dict
+    local_shapes: dict
+    fused: dict
+
+
+def _layout(pres: dict[str, Preflight], dtype: torch.dtype, fuse: bool) -> _Layout:
     plan = next(iter(pres.values())).partition.plan
     for name, pre in pres.items():
         if pre.partition.plan.placements != plan.placements:
@@ -132,47 +165,43 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
     local_shapes = {f: plan.local_shape(f) for f in plan.shapes}
     fused = {}
     if fuse:  # after partitioning: each rank concatenates its own pieces
-        for name, pre in pres.items():
+        for pre in pres.values():
             fused = fuse_linears(pre.partition.gm, local_shapes)
             pre.partition.changes["fuse_linears"] = [f"{k} <- {v}" for k, v in fused.items()]
         for name, parts in fused.items():
             dtypes[name] = dtypes[parts[0]]
             weights = [f for f in weights if f not in set(parts)] + [name]
-    staging = staging_dir(Path(out_root), key)
-    try:
-        entries, codes = {}, []
-        programs = {}
-        for name, g in graphs.items():
-            programs[name] = rank_program(pres[name].partition.gm, local_shapes, dtypes, g.example_args, trace_device)
-            codes.append(programs[name].graph_module.code)
+    return _Layout(plan, weights, state, dtypes, local_shapes, fused)
 
-        def lower_one(name: str) -> list[str]:
-            return lower(programs[name], staging, name, device=device)
-        # a backend whose lower() waits on a compiler process lowers the graphs side by side (prefill and decode)
-        with ThreadPoolExecutor(max_workers=len(programs)) as pool:
-            lowered = (pool.map if get_backend(backend).concurrent_lower else map)(lower_one, programs)
-            for name, files in progress(zip(programs, lowered), f"engines ({backend})", len(programs)):
-                entries[name] = {"files": files, "inputs": graphs[name].input_specs}
-        _write_rank_weights(staging, plan, weights, source, dtypes, tp, local_shapes, fused)
-        for name, content in (extra_files or {}).items():  # e.g. config.json, tokenizer: hashed like the rest
-            (staging / name).write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())
-        (staging / "report.txt").write_text("\n\n".join(f"== {n} ==\n{p.report()}" for n, p in pres.items()) + "\n")
-        params = {f: {"style": plan.styles[f], "placement": str(plan.placements[f]),
-                      "global": list(plan.shapes[f]), "local": list(local_shapes[f])} for f in plan.shapes}
-        for f in looked_up_by_row([p.partition.gm for p in pres.values()]):
-            params[f]["read"] = "rows"  # an embedding table: a step reads one row per token, not the table
-        manifest = Manifest(key=key, tp=tp, backend=backend, dtype=str(dtype).removeprefix("torch."), device=device,
-                            pg_name=GROUP_NAME, graph_hash=cache_key({"code": codes}), plan_hash=plan.digest(),
-                            graphs=entries, params=params, generation=generation, fused=fused,
-                            state={f: {"shape": list(local_shapes[f]), "dtype": str(dtype).removeprefix("torch.")}
-                                   for f in state},
-                            changes=_jsonable({n: p.partition.changes for n, p in pres.items()}),
-                            **build_info(backend, device))
-        return publish(staging, manifest, final)
-    except BaseException:
-        import shutil
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+def _lower_all(programs: dict, backend: str, staging: Path, device: str, graphs: dict) -> dict:
+    """Each rank program through the backend; a backend whose lower() waits on a compiler process lowers the
+    graphs side by side (prefill and decode). Returns the manifest's graph entries."""
+    spec = get_backend(backend)
+
+    def lower_one(name: str) -> list[str]:
+        return spec.lower(programs[name], staging, name, device=device)
+    entries = {}
+    with ThreadPoolExecutor(max_workers=len(programs)) as pool:
+        lowered = (pool.map if spec.concurrent_lower else map)(lower_one, programs)
+        for name, files in progress(zip(programs, lowered), f"engines ({backend})", len(programs)):
+            entries[name] = {"files": files, "inputs": graphs[name].input_specs}
+    return entries
+
+
+def _manifest(key: str, layout: _Layout, pres: dict, entries: dict, codes: list, *, tp: int, backend: str,
+              dtype: torch.dtype, device: str, generation: dict | None) -> Manifest:
+    plan, local_shapes = layout.plan, layout.local_shapes
+    params = {f: {"style": plan.styles[f], "placement": str(plan.placements[f]),
+                  "global": list(plan.shapes[f]), "local": list(local_shapes[f])} for f in plan.shapes}
+    for f in looked_up_by_row([p.partition.gm for p in pres.values()]):
+        params[f]["read"] = "rows"  # an embedding table: a step reads one row per token, not the table
+    name = str(dtype).removeprefix("torch.")
+    return Manifest(key=key, tp=tp, backend=backend, dtype=name, device=device, pg_name=GROUP_NAME,
+                    graph_hash=cache_key({"code": codes}), plan_hash=plan.digest(), graphs=entries, params=params,
+                    generation=generation, fused=layout.fused,
+                    state={f: {"shape": list(local_shapes[f]), "dtype": name} for f in layout.state},
+                    changes=_jsonable({n: p.partition.changes for n, p in pres.items()}), **build_info(backend, device))
 
 
 def _write_rank_weights(out: Path, plan, fqns: list[str], source: Source, dtypes: dict, tp: int,
