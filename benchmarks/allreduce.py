@@ -14,11 +14,10 @@ import argparse
 import json
 import os
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
-from common import NO_MULTICAST, provenance
+from common import NO_MULTICAST, device_tag, provenance, result_path
 
 os.environ.update(NO_MULTICAST)  # before torch.distributed starts NCCL
 
@@ -97,7 +96,9 @@ def main():
                   "env": {k: os.environ.get(k) for k in NO_MULTICAST}}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"allreduce_{world}gpu_{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(record, indent=1))
+        path = result_path("allreduce", "none", device_tag(world), results=out)
+        path.write_text(json.dumps(record, indent=1))
+        print(f"wrote {path}", flush=True)
     sys.stdout.flush()
     os._exit(0)  # no teardown: a symmetric-memory group's destroy has hung here (2-GPU H200 run)
 

@@ -7,7 +7,7 @@ tp = 1, 2, 4: the file alone (mmap + touch every page), and as a worker does it 
 The checkpoint (HF Llama layout, random fp32 weights, several files + index) is written on the fly, tensor by
 tensor. The page cache of every file is evicted (posix_fadvise DONTNEED) before each timed read, so reads
 come from disk, and dirty pages are written back first (os.sync), so no step pays for the one before. Each
-measurement runs in a fresh process. Results: benchmarks/results/checkpoint_cpu.json.
+measurement runs in a fresh process. Results: benchmarks/results/checkpoint-io_llama-1b-<layers>layers_cpu_<date>.json.
 """
 import argparse
 import json
@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from common import result_path  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -205,7 +207,7 @@ def main() -> None:
                   f"mmap + touch every page (cold) {ld['load_touch_seconds']:.2f} s, read {ld['read_bytes'] / 2**20:.0f} MiB; "
                   f"as a worker (cold): hash {ld['hash_seconds']:.2f} s, hash + mmap + touch {ld['hash_load_touch_seconds']:.2f} s")
         shutil.rmtree(art)
-    out = REPO / "benchmarks" / "results" / "checkpoint_cpu.json"
+    out = result_path("checkpoint-io", f"llama-1b-{a.layers}layers", "cpu")  # llama_1b's shape, fewer layers
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1))
     shutil.rmtree(root, ignore_errors=True)

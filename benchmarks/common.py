@@ -1,8 +1,10 @@
-"""What every GPU benchmark record carries: where and when it ran, and the device's ceilings measured in the
-same process (copy bandwidth counting reads + writes, bf16 matmul rate)."""
+"""What every benchmark record carries: where and when it ran, the device's ceilings measured in the same
+process (copy bandwidth counting reads + writes, bf16 matmul rate), and where it is written
+(results/<what>_<model>_<device>_<date>.json, `result_path`)."""
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,12 +15,39 @@ import torch
 from tpcompile.util import provenance as cli_provenance
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def provenance() -> dict:
     return {"device_name": torch.cuda.get_device_name(), "device_count": torch.cuda.device_count(),
             **cli_provenance()}
+
+
+def device_tag(count: int = 1) -> str:
+    """The device part of a result name: "cpu", or the GPU's model number ("h100") with the count when a
+    record spans several ("4xh200")."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name()
+    found = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    tag = (found.group(1) if found else name).lower()
+    return f"{count}x{tag}" if count > 1 else tag
+
+
+def result_path(what: str, model: str, device: str, date: str | None = None, results: Path = RESULTS) -> Path:
+    """results/<what>_<model>_<device>_<date>.json. Underscores separate the fields, so inside a field they become
+    hyphens (llama_8b -> llama-8b); several models join with "+"; "none" where no model is involved. date is
+    YYYY-MM-DD (today, UTC, by default); a second record with the same name gets -2, -3, ... after the date."""
+    def field(text: str) -> str:
+        return re.sub(r"[^a-z0-9+.-]+", "-", text.lower().replace("_", "-")).strip("-")
+    date = date or time.strftime("%Y-%m-%d", time.gmtime())
+    stem = f"{field(what)}_{field(model)}_{field(device)}_{date}"
+    path, n = Path(results) / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = Path(results) / f"{stem}-{n}.json"
+    return path
 
 
 def timed(fn, repeat: int) -> float:

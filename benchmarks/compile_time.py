@@ -2,7 +2,7 @@
 
     python benchmarks/compile_time.py [--backends eager,inductor,aoti,onnx] [--tps 1,2,4,8] [--calls 20]
     python benchmarks/compile_time.py --device cuda --dtype bfloat16 --start-tp 1 \
-        --backends eager,inductor,inductor_cudagraphs,aoti     # -> benchmarks/results/compile_cuda.json
+        --backends eager,inductor,inductor_cudagraphs,aoti     # -> results/compile_llama-tiny_h100_<date>.json
 
 On a GPU, engines for tp > 1 are compiled for ranks that share the one GPU (runtime.collectives=gloo): the
 engine and its compile do not depend on how many GPUs there are; cold start and latency run at --start-tp.
@@ -12,7 +12,8 @@ slicing loops over ranks, so it must stay near 1. llama_tiny runs with n_heads=8
 the heads; kv heads (2) are replicated past tp=2. Every compile gets a fresh Inductor cache (cold).
 Cold start: a fresh `python` that loads the artifact and runs it once on tp workers (process start to first
 output), with a fresh Inductor cache. Latency: one call on a kept session (rank 0's output back included).
-Writes benchmarks/results/compile_cpu.json: one record per measurement, each with device, torch, commit, date.
+Writes benchmarks/results/compile_<model>_<device>_<date>.json: one record per measurement, each with device,
+torch, commit, date.
 """
 import argparse
 import json
@@ -126,7 +127,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--model", default=None, help="a conf/model preset (default: llama_tiny with 8 heads)")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/compile_<device>.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/compile_<model>_<device>_<date>.json")
     ap.add_argument("--keep", default=None, help="build the artifacts in this folder and keep them (default: a "
                                                  "temporary folder, removed at the end)")
     args = ap.parse_args()
@@ -134,7 +135,9 @@ def main() -> None:
     global MODEL
     MODEL = ([f"model={args.model}"] if args.model else MODEL) + [f"dtype={args.dtype}"] + (
         ["runtime.device=cuda", "runtime.collectives=gloo"] if args.device == "cuda" else [])
-    args.out = args.out or str(REPO / f"benchmarks/results/compile_{args.device}.json")
+    if args.out is None:
+        from common import device_tag, result_path  # benchmarks/common.py
+        args.out = str(result_path("compile", args.model or "llama_tiny", device_tag() if args.device == "cuda" else "cpu"))
     base = {**provenance(args.device), "model": args.model or "llama_tiny(n_heads=8)", "dtype": args.dtype}
     records = []
     out = Path(args.out)

@@ -1,7 +1,7 @@
 """Decode at the memory-bandwidth limit on one GPU: tpcompile vs transformers (static cache, compiled) vs a
-plain eager run of our own graph, in one process tree and one device call.
+plain eager run of our own graph, in one process tree.
 
-    python benchmarks/gpu_decode.py --models llama_1b llama_8b --out benchmarks/results
+    python benchmarks/gpu_decode.py --models llama_1b llama_8b     # -> results/decode_llama-1b+llama-8b_<gpu>_<date>.json
 
 For each model: our engine (`tpcompile bench`, bf16, tp=1, batch 1, 32-token prompt, 128 new tokens) with the
 inductor_cudagraphs backend and with the eager backend; transformers' generate with a static cache under
@@ -11,12 +11,14 @@ Every record carries device, torch version, commit and date.
 """
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import REPO, ceilings, provenance, tpcompile_bench  # benchmarks/common.py
+from common import REPO, ceilings, device_tag, provenance, result_path, tpcompile_bench  # benchmarks/common.py
 
 SHAPES = {  # the presets in conf/model, for transformers' LlamaConfig
     "llama_1b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -58,12 +60,46 @@ def transformers_static(model: str, new=128, prompt=32) -> dict:
             "new_tokens": new}
 
 
+def peer(model: str, script: str) -> list[dict]:
+    """The hand-written gpt-fast-style decoder (and what else the peer script measures) for this model's shape,
+    in its own process: its JSON lines as rows."""
+    size = {"llama_1b": "1b", "llama_8b": "8b"}[model]
+    r = subprocess.run([sys.executable, script, size], cwd=REPO, capture_output=True, text=True, timeout=900)
+    rows = []
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            rows.append({"model": model, "engine": f"peer: {rec.get('impl', rec.get('engine', '?'))}", **rec})
+    if r.returncode or not rows:
+        rows.append({"model": model, "engine": "peer", "error": (r.stderr or r.stdout)[-600:]})
+    return rows
+
+
+def checkpoint_bench(model: str, out: Path) -> dict:
+    """The same shape as a Hugging Face checkpoint (random weights, bf16, several files), compiled through
+    model=hf (transformers' own modeling code captured with the static cache, plan auto) and benched as the
+    preset is."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    path = out / f"ckpt_{model}"
+    if not (path / "config.json").is_file():
+        cfg = LlamaConfig(**SHAPES[model], max_position_embeddings=8192, tie_word_embeddings=False)
+        with torch.device("cuda"):
+            m = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        m.save_pretrained(path, max_shard_size="5GB")
+        del m
+        torch.cuda.empty_cache()
+    rec = tpcompile_bench("hf", "inductor_cudagraphs", out, extra=(f"model.path={path}",))
+    return {**rec, "model": model, "engine": "tpcompile inductor_cudagraphs, model=hf (transformers' code)"}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["llama_1b"])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--parts", nargs="+", default=["ours", "eager", "hf"],
-                    help="ours eager hf batch prefill")
+                    help="ours eager hf batch prefill peer checkpoint")
+    ap.add_argument("--peer", default=str(REPO.parent / "shared" / "peers" / "handwritten_decode.py"),
+                    help="the peer decoders' script (part peer)")
     args = ap.parse_args()
     out = Path(args.out).resolve()  # the bench subprocesses run in the repository root
     out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +109,10 @@ def main():
     for model in args.models:
         if "ours" in args.parts:
             rows.append({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out)})
+        if "checkpoint" in args.parts:
+            rows.append(checkpoint_bench(model, out))
+        if "peer" in args.parts:
+            rows.extend(peer(model, args.peer))
         if "eager" in args.parts:
             rows.append({"engine": "tpcompile eager", **tpcompile_bench(model, "eager", out, new=16)})
         if "hf" in args.parts:
@@ -105,8 +145,10 @@ def main():
                 r["decode_matmul_fraction"] = 2 * params * r["batch"] / (ms / 1e3) / rate
             r["peak_over_weights_and_cache"] = r["peak_memory_bytes"] / (r["weight_bytes_per_rank"]
                                                                          + r["cache_bytes_per_rank"])
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"gpu_decode_{stamp}.json").write_text(json.dumps(rows, indent=1))
+    what = "-".join(["decode"] + [p for p in args.parts if p in ("batch", "prefill")])
+    path = result_path(what, "+".join(args.models), device_tag(), results=out)
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
     print(f"\n{'model':9} {'engine':40} {'b':>3} {'prompt':>6} {'ms/tok':>7} {'p50':>7} {'HBM':>6} {'prefill/s':>9} "
           f"{'mm frac':>7} {'peak/w+c':>8}")
     for r in rows:

@@ -1,8 +1,8 @@
-"""Tensor-parallel scaling on the GPUs of one host (issue 8), resumable across device calls.
+"""Tensor-parallel scaling on the GPUs of one host, resumable across runs.
 
     python benchmarks/scaling.py --model llama_8b --tps 1 2 4 --verify-tps 2 4 --work outputs/scaling
 
-Steps, each skipped when its record is already in --work (so a second call finishes what a first began):
+Steps, each skipped when its record is already in --work (so a second run finishes what a first began):
 1. the device's ceilings (copy bandwidth, bf16 matmul rate) on GPU 0;
 2. `tpcompile compile kv_cache=true` for every tp at once, on the CPUs (random bf16 weights, one file per rank),
    while the GPUs run 3 and 4;
@@ -13,7 +13,8 @@ Steps, each skipped when its record is already in --work (so a second call finis
    collective share from the profiler and each rank's load time.
 After every step, summary.json in --work holds everything so far, with the speed-up and scaling efficiency
 (speed-up / tp) against tp=1, per step (p50, synchronised) and over a whole run (`_run`), and the per-rank HBM
-fraction. NVLink multicast stays off (common.NO_MULTICAST).
+fraction; at the end it is copied to results/scaling_<model>_<n>x<gpu>_<date>.json. NVLink multicast stays off
+(common.NO_MULTICAST).
 """
 import argparse
 import json
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import NO_MULTICAST, REPO, ceilings, provenance, tpcompile_bench
+from common import NO_MULTICAST, REPO, RESULTS, ceilings, device_tag, provenance, result_path, tpcompile_bench
 
 ENV = {**os.environ, **NO_MULTICAST}
 BENCH = dict(batch=1, prompt=32, new=128, max_seq=256, chunk=32)
@@ -81,6 +82,7 @@ def main():
     ap.add_argument("--tps", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--verify-tps", nargs="+", type=int, default=[2, 4])
     ap.add_argument("--work", default=str(REPO / "outputs" / "scaling"))
+    ap.add_argument("--out", default=str(RESULTS), help="where the final record goes")
     ap.add_argument("--skip", nargs="*", default=[], help="steps to skip: allreduce verify bench")
     ap.add_argument("--benches", nargs="*", default=None,
                     help="bench runs in order, e.g. 4 2 1, or 4:KEY=VALUE for one more tpcompile override")
@@ -158,6 +160,9 @@ def main():
     summarize(work, state)
     for row in state["table"]:
         print(json.dumps(row))
+    record = result_path("scaling", args.model, device_tag(gpus), results=Path(args.out))
+    record.write_text(json.dumps(state, indent=1))
+    print(f"wrote {record}")
 
 
 if __name__ == "__main__":

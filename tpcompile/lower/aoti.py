@@ -89,7 +89,7 @@ def worker_env(device) -> dict:
     """Environment for the processes that load a CUDA package. Without it the package's loader crashes
     (SIGSEGV) in its constructor, inside std::regex code of the package's wrapper library, for every package,
     torch's own defaults included (torch 2.11+cu130, g++ 13, libstdc++ 6.0.33; H100 and H200;
-    benchmarks/aoti_bisect.py). Preloading the libstdc++ that torch already maps makes the same load work, as
+    benchmarks/tools/aoti_bisect.py). Preloading the libstdc++ that torch already maps makes the same load work, as
     measured there; which object otherwise serves those symbols to the wrapper was not established."""
     if torch.device(device).type != "cuda":
         return {}

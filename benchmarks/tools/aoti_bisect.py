@@ -1,7 +1,7 @@
 """Which part of an AOTInductor CUDA package crashes at load: a toy module (Linear + buffer) compiled four ways,
 each compile and each load in its own process, then a native backtrace of the first crash under cuda-gdb.
 
-    python benchmarks/aoti_bisect.py --device cuda --out bisect.json [--package P.pt2 ...]
+    python benchmarks/tools/aoti_bisect.py --device cuda --out bisect.json [--package P.pt2 ...]
 
 Cases:
   in_so      torch's defaults: weights inside the .so, aoti_load_package;
@@ -22,7 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, child  # benchmarks/common.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import REPO, child  # noqa: E402
 
 TOY = r"""
 import faulthandler, sys

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# One-GPU checks for one device call (issues 6 and 7), each step bounded by `timeout`:
+# One-GPU checks in one go, each step bounded by `timeout`:
 #   gloo     verify tp=2 with both ranks on the one GPU over gloo, backend eager and inductor
 #            (host-staged collectives);
 #   aoti     verify tp=1 of an AOTInductor CUDA engine against the unsharded model;
 #   cold     compile, cold start and latency at tp=1 of aoti next to inductor_cudagraphs (compile_time.py);
 #   probe    the kept aoti package loaded four ways in their own processes (aoti_probe.py), and once without
 #            the libstdc++ preload (lower/aoti.worker_env) to show the crash it avoids.
-# usage: [STEPS="gloo aoti cold probe"] benchmarks/gpu_checks.sh OUT_DIR   (records and logs land in OUT_DIR)
+# usage: [STEPS="gloo aoti cold probe"] benchmarks/tools/gpu_checks.sh OUT_DIR   (records and logs land in OUT_DIR)
 set -u
-out=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR}
+out=${1:?usage: benchmarks/tools/gpu_checks.sh OUT_DIR}
 steps=" ${STEPS:-gloo aoti cold probe} "
 work=outputs/gpu_checks
 mkdir -p "$out" "$work"
@@ -40,8 +40,8 @@ if [[ $steps == *" cold "* ]]; then
 fi
 if [[ $steps == *" probe "* ]]; then
     package=$(dirname "$(ls "$work"/compile/aoti/*/manifest.json "$work"/verify/*/forward.pt2 2>/dev/null | head -n 1)")
-    step aoti_probe 300 python benchmarks/aoti_probe.py "$package" --device cuda:0 --out "$out/aoti_probe.json"
-    step aoti_probe_no_preload 120 python benchmarks/aoti_probe.py "$package" --device cuda:0 --ways copy \
+    step aoti_probe 300 python benchmarks/tools/aoti_probe.py "$package" --device cuda:0 --out "$out/aoti_probe.json"
+    step aoti_probe_no_preload 120 python benchmarks/tools/aoti_probe.py "$package" --device cuda:0 --ways copy \
         --no-preload --out "$out/aoti_probe_no_preload.json"
 fi
 for f in "$work"/*.log; do echo "#### $f"; tail -n 60 "$f"; done >"$out/logs.txt"

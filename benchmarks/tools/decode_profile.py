@@ -1,7 +1,7 @@
 """Where a decode step's time goes, in one process on one GPU (tp=1): kernel time vs wall time, the top
 kernels, and inductor's perf hints (cudagraph skips). Diagnostic, not a benchmark record.
 
-    TORCH_LOGS=perf_hints python benchmarks/decode_profile.py model=llama_1b backend=inductor_cudagraphs
+    TORCH_LOGS=perf_hints python benchmarks/tools/decode_profile.py model=llama_1b backend=inductor_cudagraphs
 """
 import sys
 import time

@@ -1,7 +1,7 @@
 """Where an AOTInductor engine of tpcompile fails on a device: each way of loading and running it in its own
 process, so a crash (SIGSEGV) is a result, not the end of the probe.
 
-    python benchmarks/aoti_probe.py ARTIFACT_DIR [--device cuda] [--out probe.json]
+    python benchmarks/tools/aoti_probe.py ARTIFACT_DIR [--device cuda] [--out probe.json]
 
 Ways: `ours` (tpcompile.lower.aoti.load), `managed` (the loader built directly, user-managed constants),
 `copy` (the same, load_constants copies), `package` (torch._inductor.aoti_load_package, copies). Each prints the step it reached; the record keeps the last.
@@ -9,11 +9,13 @@ Ways: `ours` (tpcompile.lower.aoti.load), `managed` (the loader built directly, 
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-from common import child, provenance  # benchmarks/common.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import child, provenance  # noqa: E402
 from tpcompile.util import provenance as cli_provenance
 from tpcompile.lower import aoti
 
