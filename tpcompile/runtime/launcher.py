@@ -183,7 +183,7 @@ class WorkerGroup:
             _w.ENV_DEVICE: self.device, _w.ENV_COLLECTIVES: self.collectives,
             _w.ENV_START_TIMEOUT: str(self.start_timeout_s), _w.ENV_CALL_TIMEOUT: str(self.call_timeout_s),
             "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-            # no NVLink multicast (KINDS.md)
+            # NVLink multicast off (NCCL NVLS, symmetric memory, NVSHMEM): a fault in it can take a shared host's GPUs down
             "PYTHONUNBUFFERED": "1",  # logs up to the moment of a crash
         })
         return env
