@@ -208,3 +208,20 @@ def test_compiled_engines_decode_the_same_tokens(artifacts, reference, backend):
     got = artifacts(2, f"backend={backend}", "generation.max_seq=64").generate(PROMPTS, 24)
     for row, prompt in enumerate(PROMPTS):
         assert got[row] == recompute(reference, prompt, 24)[0]
+
+
+def test_queueing_the_next_step_before_the_token_is_read_changes_no_token(artifacts):
+    """On a GPU the next decode step is queued before the host reads the current token; the same logic on the
+    CPU (in this process, one rank) gives the tokens of a run without it, however the steps are asked for."""
+    from tpcompile.runtime.engine import RankEngine
+    from tpcompile.runtime.generate import Generation
+    engine = RankEngine(rank=0, world_size=1, device="cpu", artifact=str(artifacts(1).path))
+    runs = []
+    for lookahead, sizes in ((False, [20]), (True, [1, 1, 5, 13]), (True, [20])):
+        gen = Generation(engine, 0, 1)
+        gen.lookahead = lookahead
+        tokens = gen.start(PROMPTS, 21, temperature=0.8, seed=3)["tokens"]
+        for n in sizes:
+            tokens += gen.step(n)["tokens"]
+        runs.append(tokens)
+    assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 21

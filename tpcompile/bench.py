@@ -25,6 +25,7 @@ def summarize(raw: dict, *, batch: int, prompt_len: int, new_tokens: int) -> dic
         "decode_ms_p99": percentile(steps, 0.99) * 1e3, "decode_ms_mean": statistics.fmean(steps) * 1e3,
         "decode_steps": len(steps), "decode_tokens_per_s": batch / p50,
         "collective_share": raw["collective_share"], "collectives_per_step": raw.get("collectives_per_step", {}),
+        "kernels_per_step": raw.get("kernels_per_step"),
         "weight_bytes_per_rank": raw["weight_bytes"],
         "cache_bytes_per_rank": raw["cache_bytes"], "peak_memory_bytes": raw["peak_memory_bytes"],
         "bytes_per_step": bytes_per_step,
@@ -52,6 +53,8 @@ def table(record: dict) -> str:
         ("collective share of a step", f"{record['collective_share']:.1%}"),
         ("collectives per decode step", ", ".join(f"{n} {k}" for k, n in record["collectives_per_step"].items())
          or "none"),
+        ("device kernels per decode step (profiler)", "-" if record.get("kernels_per_step") is None
+         else f"{record['kernels_per_step']:.0f}"),
         ("weights + cache per rank", f"{record['weight_bytes_per_rank'] / 2**20:.1f} + "
                                      f"{record['cache_bytes_per_rank'] / 2**20:.1f} MiB"),
         ("bytes read per step per rank", f"{record['bytes_per_step'] / 2**20:.1f} MiB"),

@@ -10,7 +10,6 @@ import time
 from collections import Counter
 
 import torch
-import torch.distributed as dist
 
 
 def generation_inputs(max_batch: int, tokens: int, max_seq: int, vocab: int) -> tuple[list[dict], tuple]:
@@ -83,12 +82,18 @@ def left_padded(prompts: list[list[int]], rows: int, length: int, scratch: int) 
 
 
 class Generation:
-    """State of one batch being generated on this rank: the cache lives in the engine's graphs."""
+    """State of one batch being generated on this rank: the cache lives in the engine's graphs.
+
+    Every rank samples the same token from the same logits (all-gathered or computed alike on every rank) with a
+    generator seeded alike, so no rank waits for another's token. On a GPU the next decode step is queued before
+    the host reads the current token (the step needs only the token on the device), so the host's work for a
+    step overlaps the device's and a streaming client sees tokens at the device's pace."""
 
     def __init__(self, engine, rank: int, world_size: int):
         self.engine, self.rank, self.world_size = engine, rank, world_size
         self.spec = engine.manifest.generation
         self.device = engine.device
+        self.lookahead = self.device.type == "cuda"  # on the CPU a queued step would not overlap anything
         self.active = False
 
     def start(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -97,8 +102,9 @@ class Generation:
         B, chunk, n, S = self.spec["max_batch"], self.spec["prefill_chunk"], len(prompts), self.spec["max_seq"]
         ids, positions = left_padded(prompts, B, total, S)
         self.options = (temperature, top_k, top_p)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed) if self.rank == 0 else None
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.n, self.remaining, self.return_logits = n, max_new_tokens, return_logits
+        self.queued = None
         start = time.perf_counter()
         for c in range(0, total, chunk):
             logits = self.engine.graphs["prefill"](ids[:, c:c + chunk].to(self.device),
@@ -117,27 +123,41 @@ class Generation:
             raise ValueError("no generation in progress; call generate_start first")
         tokens, logits_seen = [], []
         for _ in range(min(n, self.remaining)):
-            logits = self.engine.graphs["decode"](self.token[:, None], self.positions[:, None])
-            self.positions = self.positions + self.advance  # a new tensor: an engine may keep the one it was given
-            self.token = self._sample(logits)
-            tokens.append(self.token)
+            if self.queued is None:
+                self._decode()
+            logits, token = self.queued
+            self.queued = None
+            tokens.append(token)
             logits_seen.append(logits)
         return self._emit(tokens, logits_seen)
 
+    def _decode(self) -> None:
+        """Queue one decode step: logits and the sampled token stay on the device."""
+        logits = self.engine.graphs["decode"](self.token[:, None], self.positions[:, None])
+        self.positions = self.positions + self.advance  # a new tensor: an engine may keep the one it was given
+        self.token = self._sample(logits)
+        # a CUDA-graph engine overwrites its output at the next replay: keep a copy only when it is returned
+        self.queued = (logits.clone() if self.return_logits else None, self.token)
+
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.rank == 0:
-            token = sample(logits, *self.options, self.generator)
-        else:
-            token = torch.empty(logits.shape[0], dtype=torch.long, device=self.device)
-        if self.world_size > 1:
-            dist.broadcast(token, src=0)
-        return token
+        return sample(logits, *self.options, self.generator)
 
     def _emit(self, tokens: list[torch.Tensor], logits: list[torch.Tensor]) -> dict:
         self.remaining -= len(tokens)
+        host = torch.stack(tokens)[:, :self.n]
+        if self.device.type == "cuda":  # copy out, queue the next step, then wait for the copy alone
+            pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+            pinned.copy_(host, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        if self.lookahead and self.remaining > 0 and self.queued is None:
+            self._decode()
+        if self.device.type == "cuda":
+            copied.synchronize()
+            host = pinned
         if self.rank != 0:
             return {}
-        reply = {"tokens": [t[:self.n].tolist() for t in tokens], "done": self.remaining <= 0}
+        reply = {"tokens": host.tolist(), "done": self.remaining <= 0}
         if self.return_logits:
             reply["logits"] = [lg[:self.n].float().cpu() for lg in logits]
         return reply
@@ -173,18 +193,18 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
     sync()
     prefill = time.perf_counter() - t0
     steps = []
-    for _ in range(new_tokens - 1):  # streaming: each token read back as it comes
+    for _ in range(new_tokens - 1):  # streaming: the time between tokens arriving on the host, one at a time
         t0 = time.perf_counter()
         gen.step(1)
-        sync()
         steps.append(time.perf_counter() - t0)
+    sync()
     gen.start(prompts, new_tokens)  # a whole run: the host queues steps ahead, tokens read back at the end
     sync()
     t0 = time.perf_counter()
     gen.step(new_tokens - 1)
     sync()
     run = (time.perf_counter() - t0) / (new_tokens - 1)
-    share = _collective_share(gen, prompts, profile_steps, engine.device.type, sync) if world_size > 1 else 0.0
+    share, kernels = _profile(gen, prompts, profile_steps, engine.device.type, sync) if profile_steps else (0.0, None)
     state, params = set(engine.manifest.state), engine.manifest.params
     weights = sum(t.numel() * t.element_size() for f, t in engine.tensors.items() if f not in state)
     cache = sum(t.numel() * t.element_size() for f, t in engine.tensors.items() if f in state)
@@ -198,14 +218,18 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
     if rank != 0:
         return {"load_seconds": load}
     return {"load_seconds": load, "prefill_seconds": prefill, "step_seconds": steps, "run_step_seconds": run,
-            "collective_share": share, "collectives_per_step": dict(collectives),
+            "collective_share": share, "collectives_per_step": dict(collectives), "kernels_per_step": kernels,
             "weight_bytes": weights, "cache_bytes": cache, "read_bytes": int(read), "peak_memory_bytes": peak,
             "copy_bandwidth": _copy_bandwidth(engine.device) if engine.device.type == "cuda" else None,
             "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"}
 
 
-def _collective_share(gen, prompts, steps: int, device_type: str, sync) -> float:
+def _profile(gen, prompts, steps: int, device_type: str, sync) -> tuple[float, float | None]:
+    """A few decode steps under torch.profiler: the share of their time in collectives, and (on a GPU) the device
+    kernels launched per step (inside CUDA graphs too), the fixed cost that a fusion removes."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+    lookahead, gen.lookahead = gen.lookahead, False  # every profiled step launched inside the window, none before
     gen.start(prompts, steps + 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
     sync()
@@ -214,10 +238,14 @@ def _collective_share(gen, prompts, steps: int, device_type: str, sync) -> float
         gen.step(steps)
         sync()
     wall = time.perf_counter() - t0
+    gen.lookahead = lookahead
+    averages = prof.key_averages()
     attr = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
-    comm_us = sum(getattr(e, attr, 0.0) for e in prof.key_averages()
-                  if any(k in e.key.lower() for k in COLLECTIVE_EVENTS))
-    return min(1.0, comm_us / 1e6 / wall)
+    comm_us = sum(getattr(e, attr, 0.0) for e in averages if any(k in e.key.lower() for k in COLLECTIVE_EVENTS))
+    kernels = None
+    if device_type == "cuda":
+        kernels = sum(e.count for e in averages if e.device_type == DeviceType.CUDA) / steps
+    return min(1.0, comm_us / 1e6 / wall), kernels
 
 
 def _peak_rss() -> int:
