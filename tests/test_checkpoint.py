@@ -57,7 +57,8 @@ def all_tensors(path: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("family, tp", [("llama", 1), ("llama", 2), ("llama", 4), ("qwen2", 2), ("qwen2", 4),
+@pytest.mark.parametrize("family, tp", [("llama", 1), ("llama", 2), pytest.param("llama", 4, marks=pytest.mark.slow),
+                                        ("qwen2", 2), pytest.param("qwen2", 4, marks=pytest.mark.slow),
                                         ("mistral", 2)])
 def test_logits_match_transformers(checkpoints, tmp_path, family, tp):
     art = tpcompile.compile_pretrained(checkpoints[family], tp=tp, input_shape=(2, 16), out_dir=tmp_path)
@@ -118,7 +119,7 @@ print(at_load, read_bytes() - before)
 """
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_each_rank_reads_only_its_own_bytes(tmp_path, tp):
     src = make_checkpoint(tmp_path / "big", vocab_size=2048, hidden_size=256, intermediate_size=1024, shard="2MB")
     art = tpcompile.compile_pretrained(src, tp=tp, out_dir=tmp_path / "engines")

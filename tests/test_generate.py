@@ -53,7 +53,7 @@ def artifacts(tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("tp", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_greedy_64_tokens_match_a_full_recompute(artifacts, reference, tp):
     artifact = artifacts(tp)
     with artifact.session() as s:
@@ -111,6 +111,7 @@ def test_rows_at_different_positions_decode_as_each_alone(reference):
         torch.testing.assert_close(torch.stack(got[row][1]), want_logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_repeatable_and_the_same_at_tp1_and_tp2(artifacts):
     runs, options = [], dict(temperature=0.9, top_k=40, top_p=0.95)
     for tp in (1, 2, 2):
@@ -172,6 +173,7 @@ def test_sampling_filters():
     assert draws == {2}  # the top token alone holds > 50% of the mass
 
 
+@pytest.mark.slow
 def test_checkpoint_greedy_tokens_match_transformers_generate(tmp_path):
     """A small Llama checkpoint saved by transformers: our tp=2 engines decode the same greedy tokens as
     transformers' own generate on that checkpoint."""

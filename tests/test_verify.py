@@ -14,7 +14,8 @@ from tpcompile.cli import cmd_verify
 
 # inductor at tp=2 only (~10 s per compile): tp=4 has the same ops and collectives with smaller shapes
 @pytest.mark.parametrize("model, tp, backend", [
-    *[(model, tp, "eager") for model in ("llama_tiny", "mlp") for tp in (1, 2, 4)],
+    *[pytest.param(model, tp, "eager", marks=[pytest.mark.slow] if tp == 4 else [])  # tp=2 runs the same passes
+      for model in ("llama_tiny", "mlp") for tp in (1, 2, 4)],
     *[pytest.param(model, 2, "inductor", marks=pytest.mark.slow) for model in ("llama_tiny", "mlp")]])
 def test_sharded_matches_unsharded(job_config, model, tp, backend):
     record = cmd_verify(job_config(f"model={model}", f"tp={tp}", f"backend={backend}"))
@@ -23,6 +24,7 @@ def test_sharded_matches_unsharded(job_config, model, tp, backend):
     assert (record["max_abs_err"] > 0) == (tp > 1 or backend == "inductor") or record["max_abs_err"] < 1e-6
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_artifact(job_config):
     first = cmd_verify(job_config("tp=2"))
     second = cmd_verify(job_config("tp=2"))
@@ -74,7 +76,7 @@ PLAN = {"q.*": "colwise", "k.*": "colwise", "v.*": "colwise", "o.weight": "rowwi
         "up.*": "colwise", "down.weight": "rowwise"}
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_user_module_through_the_python_api(tmp_path, tp):
     torch.manual_seed(0)
     model = GPTish().eval()
@@ -83,6 +85,7 @@ def test_user_module_through_the_python_api(tmp_path, tp):
     assert report.ok and report.max_rel_err <= 1e-5, report
 
 
+@pytest.mark.slow
 def test_session_keeps_workers_between_calls(tmp_path):
     torch.manual_seed(0)
     model = GPTish().eval()

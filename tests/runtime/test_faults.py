@@ -100,6 +100,7 @@ def test_kill_each_rank_restart_then_fail_10_times(tmp_path):
     assert max(detect) < DETECT_S, detect
 
 
+@pytest.mark.slow
 def test_rank_hangs_before_first_collective(tmp_path):
     """Rank 1 blocks in its handler's setup: start() fails at start_timeout_s naming rank 1 and where it is."""
     group = _group(tmp_path, start_timeout_s=6.0, handler_args={"hang_rank": 1})
@@ -115,6 +116,7 @@ def test_rank_hangs_before_first_collective(tmp_path):
     _assert_gone(pids)
 
 
+@pytest.mark.slow
 def test_rank_hangs_before_collective_in_a_call(tmp_path):
     """Rank 1 sleeps before the all_reduce that rank 0 is already in: the call deadline names rank 1."""
     err, elapsed, pids = failing_call(_group(tmp_path), "stall", {"rank": 1}, timeout_s=3.0)
@@ -123,6 +125,7 @@ def test_rank_hangs_before_collective_in_a_call(tmp_path):
     _assert_gone(pids)
 
 
+@pytest.mark.slow
 def test_frozen_rank_is_caught_by_the_heartbeat(tmp_path):
     """SIGSTOP: the process exists but sends nothing; heartbeat_timeout_s=3 ends the call long before 30 s."""
     err, elapsed, pids = failing_call(_group(tmp_path), "slow", {"x": X, "s": 0.1},
@@ -149,6 +152,7 @@ def test_health_reports_each_rank(tmp_path):
         assert h["peak_rss_bytes"] >= h["rss_bytes"] * 0.5 and h["pid"] > 0
 
 
+@pytest.mark.slow
 def test_launcher_killed_leaves_no_orphans(tmp_path):
     """The launcher itself gets SIGKILL (no close()): every worker notices within ~1 s and exits."""
     script = tmp_path / "launcher.py"

@@ -211,6 +211,7 @@ def test_sigkill_during_collective(tmp_path):
     _assert_gone(pids)
 
 
+@pytest.mark.slow
 def test_call_timeout(tmp_path):
     err, elapsed, pids = failing_call(_group(2, tmp_path), "sleep", {"rank": 1}, timeout_s=3)
     assert 3.0 <= elapsed < 10.0, elapsed
