@@ -227,3 +227,14 @@ def test_queueing_the_next_step_before_the_token_is_read_changes_no_token(artifa
             tokens += gen.step(n)["tokens"]
         runs.append(tokens)
     assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 21
+
+
+def test_generate_from_an_existing_artifact_captures_nothing(artifacts, job_config, capsys):
+    """artifact=DIR: generate runs the compiled artifact as it is (no model is built or captured) and gives the
+    tokens the Python API gives for the same prompt."""
+    from tpcompile.cli import cmd_generate
+    art = artifacts(2)
+    record = cmd_generate(job_config(f"artifact={art.path}", "generation.prompt=Hello", "generation.max_new_tokens=6"))
+    assert record["artifact"] == str(art.path)
+    assert record["tokens"] == art.generate([list(b"Hello")], 6)[0]
+    assert "Hello" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from tpcompile.serve import serve
 from tpcompile.util import one_line, provenance
 
 
@@ -49,6 +50,9 @@ def cmd_verify(job) -> dict:
     from tpcompile import pipeline
     from tpcompile.capture import example_inputs
     v = job.verify
+    if job.artifact:
+        raise ValueError(f"verify compiles from the model to compare with it; drop artifact={job.artifact} and name "
+                         f"the model (model=..., model.path=...)")
     built = pipeline.build_artifact(job, probe=v.per_layer)
     args = example_inputs(built.input_specs, device="cpu", seed=job.input_seed)
     with _session(job, built.path) as session:
@@ -145,7 +149,7 @@ def cmd_bench(job) -> dict:
 
 
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "verify": cmd_verify, "inspect": cmd_inspect,
-            "generate": cmd_generate, "bench": cmd_bench}
+            "generate": cmd_generate, "bench": cmd_bench, "serve": serve}
 # commands that take paths, not a config (no Hydra): name -> (module:function, usage line)
 PATH_COMMANDS = {
     "health": ("tpcompile.runtime.health:main", "ARTIFACT: check every file's sha256, start the workers, report each "

@@ -48,7 +48,7 @@ class PlanConfig:
 
 @dataclass
 class BackendConfig:
-    name: str = "eager"                # eager | inductor | aoti | onnx | tensorrt
+    name: str = "eager"                # a file in conf/backend: eager, inductor, aoti, onnx, ... (*_cudagraphs)
 
     def __post_init__(self):
         from tpcompile.lower import BACKENDS  # the registry is the list of names
@@ -150,6 +150,7 @@ class JobConfig:
     out_dir: str = "outputs/engines"   # artifacts go to out_dir/<key>, relative to where tpcompile was started
     input_seed: int = 1                # run/verify draw their inputs from this seed
     kv_cache: bool = False             # compile: build the prefill + decode artifact that generate and bench use
+    artifact: Optional[str] = None     # run / generate / bench / serve: this compiled artifact as it is (no capture)
 
     def __post_init__(self):
         if self.tp < 1:

@@ -86,8 +86,22 @@ def forward_graph(job, model: Model, probe: bool = False) -> GraphSpec:
     return GraphSpec(gm, args, specs)
 
 
+def existing(job, graph: str) -> Built | None:
+    """artifact=DIR: that artifact as it is (nothing captured or compiled); None when the job names none."""
+    if not job.artifact:
+        return None
+    from tpcompile.artifact import read_manifest
+    m = read_manifest(Path(job.artifact))
+    if graph not in m.graphs:
+        raise ValueError(f"artifact={job.artifact} has graphs {sorted(m.graphs)}, not {graph!r}; compile it with "
+                         f"`tpcompile compile` (forward) or `tpcompile compile kv_cache=true` (prefill + decode)")
+    return Built(Path(job.artifact), None, m.graphs[graph]["inputs"])
+
+
 def build_artifact(job, probe: bool = False, log=print) -> Built:
     """The forward artifact of the job (reused when its key exists)."""
+    if job.artifact and not probe:
+        return existing(job, "forward")
     model = load_model(job, seq_len=max(s.shape[-1] for s in job.model.inputs))
     graph = forward_graph(job, model, probe)
     path = _build(job, model, {"forward": graph}, log=log)
@@ -116,6 +130,8 @@ def generation_graphs(job, model: Model) -> dict[str, GraphSpec]:
 
 def build_generation(job, log=print) -> Built:
     """An artifact with a KV cache: prefill and decode graphs sharing weights and cache (generate, bench)."""
+    if job.artifact:
+        return existing(job, "decode")
     g = job.generation
     model = load_model(job, seq_len=g.max_seq)
     graphs = generation_graphs(job, model)
@@ -169,6 +185,9 @@ def verify_outputs(built: Built, outputs, args: tuple, *, per_layer: bool = Fals
     from tpcompile.probe import Probe, compare_per_layer
     from tpcompile.weights import materialize
     m = built.model
+    if m is None:
+        raise ValueError(f"verify compares with the model the artifact was compiled from; drop artifact="
+                         f"{built.path} and name the model (model=..., model.path=...)")
     reference = materialize(m.module, m.source, m.dtype)
     if per_layer:
         reference = Probe(reference)

@@ -31,6 +31,8 @@ BACKENDS = {
     "inductor_cudagraphs": Backend(inductor.lower, inductor.load_cudagraphs),  # + CUDA graphs (reduce-overhead)
     "aoti": Backend(aoti.lower, aoti.load, worker_env=aoti.worker_env,  # AOTInductor .pt2 package, compiled
                     native_code=True, concurrent_lower=True),           # once; weights bound at load
+    "aoti_cudagraphs": Backend(aoti.lower, aoti.load_cudagraphs, worker_env=aoti.worker_env,  # the same package,
+                               native_code=True, concurrent_lower=True),  # replayed as a CUDA graph on a GPU
     "onnx": Backend(onnx.lower, onnx.load,               # ONNX segments between collectives; onnxruntime
                     runtime_packages=("onnxruntime",)),  # + torch.distributed
     "tensorrt": Backend(tensorrt.lower, tensorrt.load,   # TensorRT segments between collectives (CUDA only)

@@ -72,6 +72,16 @@ def load(out_dir: Path, files: list[str], weights: dict, device) -> "Engine":
     return Engine(loader, bound)
 
 
+def load_cudagraphs(out_dir: Path, files: list[str], weights: dict, device):
+    """aoti_cudagraphs: the package as `load` binds it; on a GPU each graph is captured in a CUDA graph at its first
+    call and replayed after (lower/cudagraph.py). Nothing is compiled at load."""
+    engine = load(out_dir, files, weights, device)
+    if torch.device(device).type != "cuda":
+        return engine
+    from tpcompile.lower.cudagraph import Replay
+    return Replay(engine, device)
+
+
 class Engine:
     """Calls the compiled model with flat tensors; holds the bound tensors as long as it lives."""
 
