@@ -112,6 +112,35 @@ def test_rows_at_different_positions_decode_as_each_alone(reference):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_rank_killed_mid_generation_resumes_on_the_restarted_group(artifacts, reference):
+    """SIGKILL of rank 1 after the 5th token: the group restarts (max_restarts=1), the prompts plus the tokens
+    made so far are prefilled again, and the greedy tokens are those of a full recompute. Without a restart
+    left the same kill fails with one line naming the rank."""
+    import os
+    import signal
+
+    from tpcompile.runtime.launcher import WorkerError
+    artifact = artifacts(2)
+    for restarts in (1, 0):
+        with artifact.session(max_restarts=restarts, heartbeat_timeout_s=5.0) as s:
+            seen, pids = [], [r["pid"] for r in s.group.status()]
+
+            def kill_at_5(step):
+                seen.append(step)
+                if len(seen) == 5:
+                    os.kill(pids[1], signal.SIGKILL)
+            if restarts == 0:
+                with pytest.raises(WorkerError) as e:
+                    s.generate(PROMPTS, 20, on_tokens=kill_at_5)
+                assert "rank 1 died (killed by SIGKILL)" in str(e.value) and "\n" not in str(e.value)
+                continue
+            got = s.generate(PROMPTS, 20, on_tokens=kill_at_5)
+            assert s.group.restarts == 1 and not set(pids) & {r["pid"] for r in s.group.status()}
+        for row, prompt in enumerate(PROMPTS):
+            assert got[row] == recompute(reference, prompt, 20)[0], f"row {row}"
+
+
 def test_seeded_sampling_is_repeatable_and_the_same_at_tp1_and_tp2(artifacts):
     runs, options = [], dict(temperature=0.9, top_k=40, top_p=0.95)
     for tp in (1, 2, 2):

@@ -100,15 +100,15 @@ class Session:
         """Generate up to max_new_tokens for each prompt; a row stops after eos_token_id. on_tokens(step) is
         called with each step's new token per row as they arrive. Returns the new tokens per prompt (and the
         logits of every step, (steps, rows, vocab), with return_logits=True)."""
-        from tpcompile.runtime.generate import check_request
+        from tpcompile.runtime.generate import check_request, step_or_resume
         spec = self.artifact.manifest.generation
         if not spec:
             raise ValueError(f"{self.artifact.path}: compiled without a KV cache; build it with `tpcompile generate`")
         prompts = [list(map(int, p)) for p in prompt_token_ids]
         check_request(spec, prompts, max_new_tokens)  # refuse here: a failed request ends the worker group
-        reply = self.group.call("generate_start", {
-            "prompts": prompts, "max_new_tokens": max_new_tokens, "temperature": float(temperature),
-            "top_k": int(top_k), "top_p": float(top_p), "seed": int(seed), "return_logits": return_logits})[0]
+        start = {"prompts": prompts, "max_new_tokens": max_new_tokens, "temperature": float(temperature),
+                 "top_k": int(top_k), "top_p": float(top_p), "seed": int(seed), "return_logits": return_logits}
+        reply = self.group.call("generate_start", start)[0]
         out, logits = [[] for _ in prompts], []
         finished = [False] * len(prompts)
         bar = None
@@ -128,7 +128,7 @@ class Session:
             logits.extend(reply.get("logits", []))
             if reply["done"] or all(finished):
                 break
-            reply = self.group.call("generate_step", {"n": step_tokens})[0]
+            reply = step_or_resume(self.group, step_tokens, start, out, finished)  # resumes after a restart
         if bar is not None:
             bar.close()
         return (out, torch.stack(logits)) if return_logits else out

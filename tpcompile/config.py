@@ -136,6 +136,29 @@ class InspectConfig:
 
 
 @dataclass
+class ServerConfig:
+    """tpcompile serve: an OpenAI-compatible HTTP server over the generation artifact (tpcompile/serve/)."""
+    host: str = "127.0.0.1"            # loopback; 0.0.0.0 serves other machines too
+    port: int = 8000
+    artifact: Optional[str] = None     # serve this artifact directory instead of compiling the job's
+    model_name: Optional[str] = None   # the model name clients send (default: model.name)
+    max_queue: int = 64                # requests waiting for a row beyond this are refused (429)
+    max_tokens: int = 256              # a request's default max_tokens (clipped to what fits in max_seq)
+    drain_s: float = 30.0              # on SIGTERM: streams in flight finish within this, then are cut
+    step_timeout_s: float = 60.0       # bound on one scheduler step on the workers (after the warm-up)
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"server.port={self.port}: use a port in [0, 65535]")
+        for key in ("max_queue", "max_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"server.{key}={getattr(self, key)}: must be >= 1")
+        for key in ("drain_s", "step_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"server.{key}={getattr(self, key)}: must be > 0 seconds")
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = MISSING
     plan: PlanConfig = MISSING
@@ -145,6 +168,7 @@ class JobConfig:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     tp: int = 2                        # tensor-parallel degree: number of ranks
     dtype: str = "float32"             # weights and activations
     out_dir: str = "outputs/engines"   # artifacts go to out_dir/<key>, relative to where tpcompile was started

@@ -63,10 +63,17 @@ class RankEngine:
             if op == "generate_start":
                 return self.generation.start(**payload)
             return self.generation.step(payload["n"])
+        if op == "rows_step":  # continuous batching: rows join and leave between decode steps
+            if not self.manifest.generation:
+                raise ValueError(f"{self.path}: compiled without a KV cache; use `tpcompile generate` to build one")
+            from tpcompile.runtime.rows import Rows
+            self.rows = getattr(self, "rows", None) or Rows(self, self.rank, self.world_size)
+            return self.rows.step(**payload)
         if op == "bench":
             from tpcompile.runtime.generate import bench
             return bench(self, self.rank, self.world_size, **payload)
-        raise ValueError(f"unknown op {op!r}; this worker serves 'run', 'generate_start', 'generate_step', 'bench'")
+        raise ValueError(f"unknown op {op!r}; this worker serves 'run', 'generate_start', 'generate_step', 'rows_step', "
+                         f"'bench'")
 
 
 def make(*, rank: int, world_size: int, device, artifact: str) -> RankEngine:

@@ -2,8 +2,8 @@
 
 Both graphs take (input_ids (B, T), positions (B, T)): every row is its own sequence, at its own position.
 Prompts are left-padded to a multiple of the prefill chunk; pad tokens and idle rows get position S = max_seq,
-the scratch slot of the cache, which no real token reads. Rank 0 samples and broadcasts the tokens, so every
-rank continues with the same token even if floating-point sampling differed.
+the scratch slot of the cache, which no real token reads. Every rank samples the same token itself
+(Generation); step_or_resume carries a generation over a restart of the worker group.
 """
 import math
 import time
@@ -166,6 +166,25 @@ class Generation:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+
+def step_or_resume(group, n: int, start: dict, out: list[list[int]], finished: list[bool]) -> dict:
+    """Rank 0's reply to generate_step on a RestartingGroup. If the group fails (a rank died or hung) and
+    max_restarts allows a restart, the generation resumes on the new group: each prompt plus the tokens made
+    so far (out; a finished row's up to its end) is prefilled again and generation goes on for the tokens
+    left. Greedy output is unchanged; seeded sampling draws from a fresh generator after the restart.
+    start: the generate_start payload of this generation."""
+    from tpcompile.runtime.launcher import WorkerError
+    try:
+        return group.group.call("generate_step", {"n": n})[0]  # the group itself: its own retry cannot resume
+    except WorkerError as e:
+        if e.kind == "raised" or group.restarts >= group.max_restarts:
+            raise
+        group.log(f"tpcompile: resuming the generation on a new worker group after: {e}")
+    made = max(len(o) for o, done in zip(out, finished) if not done)
+    resume = {**start, "prompts": [p + o for p, o in zip(start["prompts"], out)],
+              "max_new_tokens": start["max_new_tokens"] - made}
+    return group.call("generate_start", resume)[0]  # RestartingGroup starts a new group first
 
 
 COLLECTIVE_EVENTS = ("all_reduce", "allreduce", "all_gather", "allgather", "broadcast", "wait_tensor", "nccl", "gloo")
