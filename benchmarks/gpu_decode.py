@@ -61,15 +61,19 @@ def transformers_static(model: str, new=128, prompt=32) -> dict:
 
 
 def peer(model: str, script: str) -> list[dict]:
-    """The hand-written gpt-fast-style decoder (and what else the peer script measures) for this model's shape,
-    in its own process: its JSON lines as rows."""
+    """The peer script's hand-written gpt-fast-style decoder (eager and compiled) for this model's shape, in its
+    own process: its JSON lines as rows. (transformers' generate is the part "hf".)"""
     size = {"llama_1b": "1b", "llama_8b": "8b"}[model]
-    r = subprocess.run([sys.executable, script, size], cwd=REPO, capture_output=True, text=True, timeout=900)
+    code = (f"import sys; sys.path.insert(0, {str(Path(script).resolve().parent)!r}); import {Path(script).stem} as p; "
+            f"p.bench_gptfast(p.SIZES[{size!r}], {size!r}, p.copy_bandwidth())")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)
     rows = []
     for line in r.stdout.splitlines():
         if line.startswith("{"):
             rec = json.loads(line)
-            rows.append({"model": model, "engine": f"peer: {rec.get('impl', rec.get('engine', '?'))}", **rec})
+            if "ms_per_token" in rec:  # weight_gb: every weight but the embedding table, as our bytes_per_step
+                rows.append({"model": model, "engine": f"peer: {rec['system']}", "decode_ms_run": rec["ms_per_token"],
+                             "bytes_per_step": rec["weight_gb"] * 1e9, **rec})
     if r.returncode or not rows:
         rows.append({"model": model, "engine": "peer", "error": (r.stderr or r.stdout)[-600:]})
     return rows
@@ -97,7 +101,7 @@ def main():
     ap.add_argument("--models", nargs="+", default=["llama_1b"])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--parts", nargs="+", default=["ours", "eager", "hf"],
-                    help="ours eager hf batch prefill peer checkpoint")
+                    help="ours eager hf batch prefill peer checkpoint aoti")
     ap.add_argument("--peer", default=str(REPO.parent / "shared" / "peers" / "handwritten_decode.py"),
                     help="the peer decoders' script (part peer)")
     args = ap.parse_args()
@@ -109,6 +113,8 @@ def main():
     for model in args.models:
         if "ours" in args.parts:
             rows.append({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out)})
+        if "aoti" in args.parts:
+            rows.append({"engine": "tpcompile aoti_cudagraphs", **tpcompile_bench(model, "aoti_cudagraphs", out)})
         if "checkpoint" in args.parts:
             rows.append(checkpoint_bench(model, out))
         if "peer" in args.parts:
