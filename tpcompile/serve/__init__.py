@@ -10,6 +10,7 @@ connections, streams in flight finish within server.drain_s, then the workers st
 """
 import json
 import logging
+import signal
 import socket
 import sys
 import time
@@ -58,10 +59,15 @@ def serve(job) -> dict:
         host, port = sock.getsockname()[:2]
         print(f"serving {name} (tp={artifact.tp}, max_batch={spec['max_batch']}, max_seq={spec['max_seq']}) on "
               f"http://{host}:{port} after {time.perf_counter() - t0:.1f} s; artifact {path}", flush=True)
+        # uvicorn re-raises the signal that stopped it once it has drained; a no-op handler takes it, so the
+        # workers are stopped below and the command ends normally
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             server.run(sockets=[sock])
         finally:
             scheduler.close(timeout_s=s.step_timeout_s)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return {"artifact": str(path), "url": f"http://{host}:{port}", "restarts": session.group.restarts}
 
 

@@ -87,7 +87,7 @@ class Scheduler:
                 raise Unavailable(f"the workers failed and cannot restart ({self.failure}); restart the server", 503)
             if self.state == "stopping":
                 raise Unavailable("the server is shutting down; retry on another replica", 503)
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) >= self.max_queue + self.B - len(self.rows):  # free rows take the first ones
                 raise Unavailable(f"the queue is full ({self.max_queue} requests wait for a row of max_batch="
                                   f"{self.B}); retry later or raise server.max_queue", 429)
             req.id = req.id or f"req-{next(self.ids)}"
