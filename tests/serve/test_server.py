@@ -52,6 +52,20 @@ def test_streamed_completion_equals_the_whole_one(server):
     assert chat[0].choices[0].delta.role == "assistant" and chat[-1].choices[0].finish_reason == "length"
 
 
+def test_a_stop_string_ends_the_text_before_it(server):
+    """The stop is taken from the middle of the greedy text of the same prompt: the reply is what precedes it,
+    streamed or not."""
+    client, args = server.client(), dict(model=MODEL, prompt="Stop here", temperature=0)
+    full = client.completions.create(max_tokens=30, **args).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    want = full[:full.index(stop)]
+    r = client.completions.create(max_tokens=30, stop=[stop], **args)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (want, "stop")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(max_tokens=30, stop=stop, stream=True,
+                                                                           **args))
+    assert streamed == want
+
+
 def test_greedy_tokens_equal_artifact_generate_while_7_others_run(server):
     """Seven requests of other lengths (some sampled, some streamed) are in flight when the greedy one
     arrives; its tokens equal Artifact.generate of its prompt alone."""
