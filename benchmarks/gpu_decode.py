@@ -96,6 +96,27 @@ def checkpoint_bench(model: str, out: Path) -> dict:
     return {**rec, "model": model, "engine": "tpcompile inductor_cudagraphs, model=hf (transformers' code)"}
 
 
+def enrich(r: dict, base: dict) -> dict:
+    """A row with the call's ceilings, ms per token over a whole run and the fractions of them it reached."""
+    r.update({k: v for k, v in base.items() if k not in r})
+    if "weight_bytes" in r and "bytes_per_step" not in r:
+        r["bytes_per_step"] = r["weight_bytes"]
+    # ms per token over a whole run (tokens read back at the end), as transformers' figure is taken
+    ms = r.get("decode_ms_run", r.get("decode_ms_p50"))
+    if ms and "bytes_per_step" in r:
+        r["ms_per_token"] = ms
+        r["hbm_fraction_of_copy_bw"] = r["bytes_per_step"] / (ms / 1e3) / (base["copy_bandwidth_GBps"] * 1e9)
+    if "weight_bytes_per_rank" in r:  # matmul work: 2 flops per streamed weight and token (bf16: 2 bytes each)
+        params = (r["bytes_per_step"] - r["cache_bytes_per_rank"]) / 2
+        rate = base["bf16_matmul_TFLOPs"] * 1e12
+        r["prefill_matmul_fraction"] = 2 * params * r["prefill_tokens_per_s"] / rate
+        if ms:
+            r["decode_matmul_fraction"] = 2 * params * r["batch"] / (ms / 1e3) / rate
+        r["peak_over_weights_and_cache"] = r["peak_memory_bytes"] / (r["weight_bytes_per_rank"]
+                                                                     + r["cache_bytes_per_rank"])
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["llama_1b"])
@@ -109,51 +130,39 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     base = {**provenance(), **ceilings()}
     print(json.dumps(base), flush=True)
-    rows = []
-    for model in args.models:
-        if "ours" in args.parts:
-            rows.append({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out)})
-        if "aoti" in args.parts:
-            rows.append({"engine": "tpcompile aoti_cudagraphs", **tpcompile_bench(model, "aoti_cudagraphs", out)})
-        if "checkpoint" in args.parts:
-            rows.append(checkpoint_bench(model, out))
-        if "peer" in args.parts:
-            rows.extend(peer(model, args.peer))
-        if "eager" in args.parts:
-            rows.append({"engine": "tpcompile eager", **tpcompile_bench(model, "eager", out, new=16)})
-        if "hf" in args.parts:
-            try:
-                rows.append(transformers_static(model))
-            except Exception as e:  # keep the other rows
-                rows.append({"model": model, "engine": "transformers", "error": repr(e)[:500]})
-        if "batch" in args.parts:
-            for b in (16, 64):
-                rows.append({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out,
-                                                                               batch=b, new=32, max_seq=128)})
-        if "prefill" in args.parts:
-            rows.append({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out,
-                                                                           prompt=2048, new=8, max_seq=2560,
-                                                                           chunk=512)})
-    for r in rows:
-        r.update({k: v for k, v in base.items() if k not in r})
-        if "weight_bytes" in r and "bytes_per_step" not in r:
-            r["bytes_per_step"] = r["weight_bytes"]
-        # ms per token over a whole run (tokens read back at the end), as transformers' figure is taken
-        ms = r.get("decode_ms_run", r.get("decode_ms_p50"))
-        if ms:
-            r["ms_per_token"] = ms
-            r["hbm_fraction_of_copy_bw"] = r["bytes_per_step"] / (ms / 1e3) / (base["copy_bandwidth_GBps"] * 1e9)
-        if "weight_bytes_per_rank" in r:  # matmul work: 2 flops per streamed weight and token (bf16: 2 bytes each)
-            params = (r["bytes_per_step"] - r["cache_bytes_per_rank"]) / 2
-            rate = base["bf16_matmul_TFLOPs"] * 1e12
-            r["prefill_matmul_fraction"] = 2 * params * r["prefill_tokens_per_s"] / rate
-            if ms:
-                r["decode_matmul_fraction"] = 2 * params * r["batch"] / (ms / 1e3) / rate
-            r["peak_over_weights_and_cache"] = r["peak_memory_bytes"] / (r["weight_bytes_per_rank"]
-                                                                         + r["cache_bytes_per_rank"])
     what = "-".join(["decode"] + [p for p in args.parts if p in ("batch", "prefill")])
     path = result_path(what, "+".join(args.models), device_tag(), results=out)
-    path.write_text(json.dumps(rows, indent=1))
+    rows = []
+
+    def add(*found: dict) -> None:  # the record is rewritten after every row: a call cut short keeps what it ran
+        rows.extend(enrich(r, base) for r in found)
+        path.write_text(json.dumps(rows, indent=1))
+
+    for model in args.models:
+        if "ours" in args.parts:
+            add({"engine": "tpcompile inductor_cudagraphs",
+                 **tpcompile_bench(model, "inductor_cudagraphs", out, profile_steps=8)})
+        if "aoti" in args.parts:
+            add({"engine": "tpcompile aoti_cudagraphs", **tpcompile_bench(model, "aoti_cudagraphs", out)})
+        if "checkpoint" in args.parts:
+            add(checkpoint_bench(model, out))
+        if "peer" in args.parts:
+            add(*peer(model, args.peer))
+        if "eager" in args.parts:
+            add({"engine": "tpcompile eager", **tpcompile_bench(model, "eager", out, new=16)})
+        if "hf" in args.parts:
+            try:
+                add(transformers_static(model))
+            except Exception as e:  # keep the other rows
+                add({"model": model, "engine": "transformers", "error": repr(e)[:500]})
+        if "batch" in args.parts:
+            for b in (16, 64):
+                add({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out,
+                                                                                  batch=b, new=32, max_seq=128)})
+        if "prefill" in args.parts:
+            add({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out,
+                                                                              prompt=2048, new=8, max_seq=2560,
+                                                                              chunk=512)})
     print(f"wrote {path}")
     print(f"\n{'model':9} {'engine':40} {'b':>3} {'prompt':>6} {'ms/tok':>7} {'p50':>7} {'HBM':>6} {'prefill/s':>9} "
           f"{'mm frac':>7} {'peak/w+c':>8}")

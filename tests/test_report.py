@@ -92,7 +92,7 @@ def test_cfg_job_and_info_are_hydras(run_cli, tmp_path):
     assert r.returncode == 0, r.stderr
     from omegaconf import OmegaConf
     cfg = OmegaConf.create(r.stdout)
-    assert cfg.tp == 4 and cfg.bench.new_tokens == 8 and cfg.render is False and "hydra" not in cfg
+    assert cfg.tp == 4 and cfg.bench.new_tokens == 8 and cfg.inspect.render is False and "hydra" not in cfg
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
     r = run_cli("verify", "--info", "defaults", cwd=tmp_path)
     assert r.returncode == 0 and "model/llama_tiny" in r.stdout and "plan/megatron" in r.stdout, r.stderr

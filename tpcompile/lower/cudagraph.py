@@ -35,7 +35,9 @@ class Replay:
                 self.engine(*self.inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
+        # relaxed: an AOTInductor package queries its own events while it runs (which model of its pool is free),
+        # which the default capture mode forbids and which does not touch the captured stream
+        with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle(), capture_error_mode="relaxed"):
             self.outputs = self.engine(*self.inputs)
         self.graph = graph
         graph.replay()
