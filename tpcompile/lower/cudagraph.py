@@ -10,6 +10,8 @@ cache slot) they write again with the same value, so the captured call leaves th
 Later calls copy their inputs into the captured ones and replay. Each graph has its own memory pool, so no graph's
 outputs are reused by another's replay. Collectives inside the engine must be capturable (NCCL, not gloo).
 """
+import sys
+
 import torch
 
 
@@ -19,6 +21,8 @@ class Replay:
         self.graph, self.inputs, self.outputs = None, None, None
 
     def __call__(self, *args: torch.Tensor):
+        if self.graph is False:  # the capture failed once: run uncaptured
+            return self.engine(*args)
         if self.graph is None:
             return self._capture(args)
         for captured, given in zip(self.inputs, args):
@@ -35,10 +39,16 @@ class Replay:
                 self.engine(*self.inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # relaxed: an AOTInductor package queries its own events while it runs (which model of its pool is free),
-        # which the default capture mode forbids and which does not touch the captured stream
-        with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle(), capture_error_mode="relaxed"):
-            self.outputs = self.engine(*self.inputs)
+        try:  # relaxed: an AOTInductor package queries its own events while it runs (which model of its pool is
+            # free), which the default capture mode forbids and which does not touch the captured stream
+            with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle(), capture_error_mode="relaxed"):
+                self.outputs = self.engine(*self.inputs)
+        except RuntimeError as e:  # the engine does something a graph cannot hold: correct, one launch per kernel
+            print(f"tpcompile: CUDA graph capture failed ({' '.join(str(e).split())[:200]}); running the engine "
+                  f"uncaptured", file=sys.stderr, flush=True)
+            torch.cuda.synchronize(self.device)
+            self.graph = False
+            return self.engine(*args)
         self.graph = graph
         graph.replay()
         return self.outputs
