@@ -107,12 +107,12 @@ import tpcompile, tpcompile.build as build
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
 timing = {}
-inner, inner_publish = build._write_rank_weights, build.publish
+inner, inner_publish = build.write_rank_weights, build.publish
 def timed(*a, **k):
     timing["rss_before"] = rss(); t0 = time.perf_counter(); inner(*a, **k); timing["seconds"] = time.perf_counter() - t0
 def timed_publish(*a, **k):  # hashes every file of the artifact, writes the manifest, renames
     t0 = time.perf_counter(); out = inner_publish(*a, **k); timing["publish"] = time.perf_counter() - t0; return out
-build._write_rank_weights, build.publish = timed, timed_publish
+build.write_rank_weights, build.publish = timed, timed_publish
 t0 = time.perf_counter()
 art = tpcompile.compile_pretrained(sys.argv[1], tp=int(sys.argv[2]), out_dir=sys.argv[3])
 print(json.dumps({"artifact": str(art.path), "compile_seconds": time.perf_counter() - t0, "reshard_seconds": timing["seconds"],

@@ -123,7 +123,7 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
         programs = {name: rank_program(pres[name].partition.gm, layout.local_shapes, layout.dtypes, g.example_args,
                                        trace_device) for name, g in graphs.items()}
         entries = _lower_all(programs, backend, staging, device, graphs)
-        _write_rank_weights(staging, layout.plan, layout.weights, source, layout.dtypes, tp, layout.local_shapes,
+        write_rank_weights(staging, layout.plan, layout.weights, source, layout.dtypes, tp, layout.local_shapes,
                             layout.fused)
         for name, content in (extra_files or {}).items():  # e.g. config.json, tokenizer: hashed like the rest
             (staging / name).write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())
@@ -204,7 +204,7 @@ def _manifest(key: str, layout: _Layout, pres: dict, entries: dict, codes: list,
                     changes=_jsonable({n: p.partition.changes for n, p in pres.items()}), **build_info(backend, device))
 
 
-def _write_rank_weights(out: Path, plan, fqns: list[str], source: Source, dtypes: dict, tp: int,
+def write_rank_weights(out: Path, plan, fqns: list[str], source: Source, dtypes: dict, tp: int,
                         local_shapes: dict, fused: dict) -> None:
     """Each global tensor is made (or read) once, cut for every rank and appended to each rank's file:
     memory stays near one global tensor, whatever the model's size. A fused weight is the concatenation
