@@ -45,7 +45,8 @@ def test_streamed_completion_equals_the_whole_one(server):
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **args))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text
-    assert token_ids([c for c in chunks if c.choices][-1].choices[0]) == token_ids(whole.choices[0])
+    per_chunk = [t for c in chunks if c.choices for t in c.choices[0].model_extra.get("token_ids", [])]
+    assert per_chunk == token_ids(whole.choices[0]) and len(chunks) == 24 + 2  # a chunk per token, end, usage
     assert chunks[-1].usage.completion_tokens == 24 and chunks[-2].choices[0].finish_reason == "length"
     chat = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                                max_tokens=6, temperature=0, stream=True))

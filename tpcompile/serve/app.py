@@ -86,7 +86,8 @@ def make_app(scheduler: Scheduler, tokenizer, *, model_name: str, vocab: int, ma
         return Request(prompt=prompt, max_tokens=wanted or min(max_tokens, room), sink=sink,
                        text=TextStream(tokenizer, stop, frozenset(stop_ids)), temperature=temperature,
                        top_k=max(body.top_k, 0), top_p=body.top_p,
-                       seed=body.seed if body.seed is not None else secrets.randbits(63), stop_ids=stop_ids)
+                       seed=body.seed if body.seed is not None else secrets.randbits(63),
+                       stop_ids=() if body.ignore_eos else stop_ids)
 
     def completion_prompt(body: CompletionRequest) -> list[int]:
         p = body.prompt
@@ -109,8 +110,9 @@ def make_app(scheduler: Scheduler, tokenizer, *, model_name: str, vocab: int, ma
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         shape = _Shape(rid, model_name, chat, body.return_token_ids)
         if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(scheduler, req, events, shape, usage), media_type="text/event-stream")
+            o = body.stream_options
+            usage = (bool(o and o.include_usage), bool(o and o.continuous_usage_stats))
+            return StreamingResponse(_stream(scheduler, req, events, shape, *usage), media_type="text/event-stream")
         return await _whole(http, scheduler, req, events, shape)
 
     @app.post("/v1/completions")
@@ -187,9 +189,13 @@ async def _whole(http: HTTPRequest, scheduler: Scheduler, req: Request, events: 
         raise
 
 
-async def _stream(scheduler: Scheduler, req: Request, events: asyncio.Queue, shape: _Shape, usage: bool):
-    """Server-sent events; the generator is closed when the client disconnects, which cancels the request."""
+async def _stream(scheduler: Scheduler, req: Request, events: asyncio.Queue, shape: _Shape, usage: bool,
+                  every: bool):
+    """Server-sent events; the generator is closed when the client disconnects, which cancels the request.
+    usage: a last chunk with the usage; every: the usage so far in every chunk too."""
     def sse(obj) -> str:
+        if every and "usage" not in obj and "error" not in obj:
+            obj["usage"] = _usage(req)
         return f"data: {json.dumps(obj)}\n\n"
     try:
         if shape.chat:
@@ -197,9 +203,9 @@ async def _stream(scheduler: Scheduler, req: Request, events: asyncio.Queue, sha
         while True:
             ev = await events.get()
             if ev[0] == "delta":
-                yield sse(shape.chunk(ev[1]))
+                yield sse(shape.chunk(ev[1], tokens=[] if ev[2] is None else [ev[2]]))
             elif ev[0] == "end":
-                yield sse(shape.chunk(None, ev[1], ev[2]))
+                yield sse(shape.chunk(None, ev[1]))
                 if usage:
                     yield sse(shape.usage_chunk(_usage(req)))
                 break

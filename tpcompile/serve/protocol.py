@@ -2,7 +2,8 @@
 
 Fields of the OpenAI API that the engines do not implement are accepted at their neutral value and refused
 (400, naming the field) otherwise; a field the API does not have is refused too. Extensions: top_k (0 or -1:
-off) and return_token_ids (the generated token ids in each choice).
+off), return_token_ids (the generated token ids in each choice), and vLLM's ignore_eos and
+stream_options.continuous_usage_stats (usage in every chunk), which load generators send.
 """
 from typing import Literal, Optional, Union
 
@@ -20,6 +21,7 @@ class BadRequest(ValueError):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class Sampling(BaseModel):
@@ -35,6 +37,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     return_token_ids: bool = False
+    ignore_eos: bool = False
     user: Optional[str] = None
     # accepted only at their neutral value
     frequency_penalty: float = 0.0
@@ -93,8 +96,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if e.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e.get('msg'))})", None
     if e.get("type") == "extra_forbidden":
-        return f"unknown field {field!r}; this server accepts the OpenAI fields plus top_k and return_token_ids", \
-            field
+        return f"unknown field {field!r}; this server accepts the OpenAI fields plus top_k, return_token_ids and " \
+               f"ignore_eos", field
     if e.get("type") == "missing":
         return f"missing field {field!r}", field
     got = e.get("input")

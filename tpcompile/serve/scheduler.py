@@ -39,7 +39,8 @@ class Unavailable(RuntimeError):
 class Request:
     prompt: list[int]
     max_tokens: int
-    sink: Callable[[tuple], None]      # ("delta", text) | ("end", finish_reason, token_ids) | ("error", message)
+    sink: Callable[[tuple], None]      # ("delta", text, token | None) per token | ("end", reason, token_ids)
+                                       # | ("error", message)
     text: TextStream
     temperature: float = 0.0
     top_k: int = 0
@@ -204,9 +205,7 @@ class Scheduler:
                 self.metrics.ttft.observe(now - req.arrived)
             req.last_token = now
             req.tokens.append(token)
-            delta = req.text.add(token)
-            if delta:
-                req.sink(("delta", delta))
+            req.sink(("delta", req.text.add(token), token))  # one event per token, its text maybe held back
             if req.text.stopped:  # a stop string: the row is released at the next step
                 self._end(req, "stop")
         for row, reason in reply["ended"]:
@@ -225,7 +224,7 @@ class Scheduler:
         if reason in ("stop", "length"):
             tail = req.text.finish()
             if tail:
-                req.sink(("delta", tail))
+                req.sink(("delta", tail, None))
             req.sink(("end", reason, list(req.tokens)))
             self.metrics.e2e.observe(now - req.arrived)
             if len(req.tokens) > 1:
