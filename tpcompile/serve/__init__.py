@@ -34,7 +34,7 @@ def serve(job) -> dict:
                          f"(tpcompile compile kv_cache=true) or leave server.artifact unset")
     import uvicorn
 
-    from tpcompile.serve.app import make_app
+    from tpcompile.serve.app import Served, make_app
     from tpcompile.serve.metrics import Metrics
     from tpcompile.serve.scheduler import Scheduler
     from tpcompile.tokenizer import tokenizer_for
@@ -51,9 +51,8 @@ def serve(job) -> dict:
         scheduler = Scheduler(session, metrics=Metrics(), max_queue=s.max_queue, step_timeout_s=s.step_timeout_s,
                               warm_timeout_s=r.call_timeout_s, log=log)
         scheduler.start()
-        app = make_app(scheduler, tokenizer_for(path), model_name=name, vocab=spec["vocab_size"],
-                       max_seq=spec["max_seq"], max_tokens=s.max_tokens,
-                       stop_ids=stop_ids(path, job.generation.eos_token_id))
+        app = make_app(scheduler, Served(tokenizer_for(path), name, vocab=spec["vocab_size"], max_seq=spec["max_seq"],
+                                         max_tokens=s.max_tokens, stop_ids=stop_ids(path, job.generation.eos_token_id)))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=s.drain_s,
                                                lifespan="off"))
         host, port = sock.getsockname()[:2]

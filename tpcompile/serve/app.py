@@ -14,6 +14,7 @@ import asyncio
 import json
 import secrets
 import time
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -32,9 +33,19 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
                       "code": status}}
 
 
-def make_app(scheduler: Scheduler, tokenizer, *, model_name: str, vocab: int, max_seq: int, max_tokens: int,
-             stop_ids: tuple, lifespan=None) -> FastAPI:
-    app = FastAPI(title="tpcompile", lifespan=lifespan)
+@dataclass
+class Served:
+    """What the server serves and its limits (from the artifact and server.*)."""
+    tokenizer: object
+    model_name: str
+    vocab: int
+    max_seq: int
+    max_tokens: int                    # default max_tokens
+    stop_ids: tuple                    # eos ids of the checkpoint
+
+
+def make_app(scheduler: Scheduler, served: Served) -> FastAPI:
+    app = FastAPI(title="tpcompile")
     metrics = scheduler.metrics
 
     def fail(status: int, message: str, param: str | None = None, kind: str = "bad_request") -> JSONResponse:
@@ -57,50 +68,14 @@ def make_app(scheduler: Scheduler, tokenizer, *, model_name: str, vocab: int, ma
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "tpcompile", "max_model_len": max_seq}]}
-
-    def request_of(body, prompt: list[int], sink) -> Request:
-        if body.model != model_name:
-            raise BadRequest(f"model {body.model!r} is not served here; use {model_name!r}", "model")
-        bad = body.unsupported()
-        if bad:
-            raise BadRequest(f"{bad[0]} is not supported by this server; leave it at its default", bad[0])
-        if not prompt:
-            raise BadRequest("the prompt is empty; give at least one token", "prompt")
-        out = [t for t in prompt if not 0 <= t < vocab]
-        if out:
-            raise BadRequest(f"token id {out[0]} is outside the vocabulary [0, {vocab})", "prompt")
-        if len(prompt) > max_seq:
-            raise BadRequest(f"the prompt has {len(prompt)} tokens, more than max_seq={max_seq} of the compiled "
-                             f"cache; shorten it or recompile with a larger generation.max_seq", "prompt")
-        room = max_seq - len(prompt) + 1
-        wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        if wanted is not None and wanted > room:
-            raise BadRequest(f"the prompt ({len(prompt)} tokens) + max_tokens={wanted} passes max_seq={max_seq}: "
-                             f"at most {room} new tokens fit; lower max_tokens or shorten the prompt", "max_tokens")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4:
-            raise BadRequest(f"stop has {len(stop)} strings; at most 4", "stop")
-        temperature = body.temperature
-        return Request(prompt=prompt, max_tokens=wanted or min(max_tokens, room), sink=sink,
-                       text=TextStream(tokenizer, stop, frozenset(stop_ids)), temperature=temperature,
-                       top_k=max(body.top_k, 0), top_p=body.top_p,
-                       seed=body.seed if body.seed is not None else secrets.randbits(63),
-                       stop_ids=() if body.ignore_eos else stop_ids)
-
-    def completion_prompt(body: CompletionRequest) -> list[int]:
-        p = body.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise BadRequest(f"prompt holds {len(p)} prompts; send one per request", "prompt")
-            p = p[0]
-        return tokenizer.encode(p) if isinstance(p, str) else list(p)
+        return {"object": "list", "data": [{"id": served.model_name, "object": "model", "created": 0,
+                                            "owned_by": "tpcompile", "max_model_len": served.max_seq}]}
 
     async def run(http: HTTPRequest, body, prompt_of, chat: bool):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         try:
-            req = request_of(body, prompt_of(body), lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            req = request_of(served, body, prompt_of(body),
+                             lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         except BadRequest as e:
             return fail(404 if e.param == "model" else 400, str(e), e.param)
         try:
@@ -108,7 +83,7 @@ def make_app(scheduler: Scheduler, tokenizer, *, model_name: str, vocab: int, ma
         except Unavailable as e:
             return fail(e.status, str(e), kind="queue_full" if e.status == 429 else "unavailable")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
-        shape = _Shape(rid, model_name, chat, body.return_token_ids)
+        shape = _Shape(rid, served.model_name, chat, body.return_token_ids)
         if body.stream:
             o = body.stream_options
             usage = (bool(o and o.include_usage), bool(o and o.continuous_usage_stats))
@@ -117,15 +92,55 @@ def make_app(scheduler: Scheduler, tokenizer, *, model_name: str, vocab: int, ma
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest, body: CompletionRequest):
-        return await run(http, body, completion_prompt, chat=False)
+        return await run(http, body, lambda b: completion_prompt(served.tokenizer, b), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest, body: ChatRequest):
         def prompt_of(b):
-            return chat_prompt(tokenizer, [{"role": m.role, "content": m.text()} for m in b.messages])
+            return chat_prompt(served.tokenizer, [{"role": m.role, "content": m.text()} for m in b.messages])
         return await run(http, body, prompt_of, chat=True)
 
     return app
+
+
+def completion_prompt(tokenizer, body: CompletionRequest) -> list[int]:
+    p = body.prompt
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        if len(p) != 1:
+            raise BadRequest(f"prompt holds {len(p)} prompts; send one per request", "prompt")
+        p = p[0]
+    return tokenizer.encode(p) if isinstance(p, str) else list(p)
+
+
+def request_of(served: Served, body, prompt: list[int], sink) -> Request:
+    """The scheduler's request, or BadRequest naming the field and the limit: nothing bad reaches a worker."""
+    if body.model != served.model_name:
+        raise BadRequest(f"model {body.model!r} is not served here; use {served.model_name!r}", "model")
+    bad = body.unsupported()
+    if bad:
+        raise BadRequest(f"{bad[0]} is not supported by this server; leave it at its default", bad[0])
+    if not prompt:
+        raise BadRequest("the prompt is empty; give at least one token", "prompt")
+    out = [t for t in prompt if not 0 <= t < served.vocab]
+    if out:
+        raise BadRequest(f"token id {out[0]} is outside the vocabulary [0, {served.vocab})", "prompt")
+    S = served.max_seq
+    if len(prompt) > S:
+        raise BadRequest(f"the prompt has {len(prompt)} tokens, more than max_seq={S} of the compiled cache; "
+                         f"shorten it or recompile with a larger generation.max_seq", "prompt")
+    room = S - len(prompt) + 1
+    wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if wanted is not None and wanted > room:
+        raise BadRequest(f"the prompt ({len(prompt)} tokens) + max_tokens={wanted} passes max_seq={S}: at most "
+                         f"{room} new tokens fit; lower max_tokens or shorten the prompt", "max_tokens")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4:
+        raise BadRequest(f"stop has {len(stop)} strings; at most 4", "stop")
+    stop_ids = () if body.ignore_eos else served.stop_ids
+    return Request(prompt=prompt, max_tokens=wanted or min(served.max_tokens, room), sink=sink,
+                   text=TextStream(served.tokenizer, stop, frozenset(stop_ids)), temperature=body.temperature,
+                   top_k=max(body.top_k, 0), top_p=body.top_p,
+                   seed=body.seed if body.seed is not None else secrets.randbits(63), stop_ids=stop_ids)
 
 
 class _Shape:
