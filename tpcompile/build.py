@@ -18,6 +18,7 @@ from tpcompile.capture import rank_program
 from tpcompile.lower import backend as get_backend, build_info
 from tpcompile.lower.inductor import user_options as inductor_options
 from tpcompile.passes import Partition, partition
+from tpcompile.passes.fold_repeat_kv import fold_repeat_kv
 from tpcompile.passes.fuse_linears import fuse_linears
 from tpcompile.placement import shard_tensor
 from tpcompile.plan import Rule, make_plan, plan_table, rules_yaml
@@ -77,9 +78,11 @@ class Preflight:
 
 def preflight(gm: GraphModule, rules: list[Rule], tp: int, itemsize: int) -> Preflight:
     start = time.perf_counter()
+    folded = fold_repeat_kv(gm)  # before the plan: auto plans and placements see attention as it will run
     rules, notes, applied = resolve_rules(gm, rules, tp)
     plan = make_plan(gm, rules, tp, notes, applied)
     part = partition(gm, plan, GROUP_NAME)
+    part.changes = {"fold_repeat_kv": folded, **part.changes}
     return Preflight(part, plan_table(plan, itemsize), time.perf_counter() - start, itemsize)
 
 
