@@ -140,7 +140,6 @@ class ServerConfig:
     """tpcompile serve: an OpenAI-compatible HTTP server over the generation artifact (tpcompile/serve/)."""
     host: str = "127.0.0.1"            # loopback; 0.0.0.0 serves other machines too
     port: int = 8000
-    artifact: Optional[str] = None     # serve this artifact directory instead of compiling the job's
     model_name: Optional[str] = None   # the model name clients send (default: model.name)
     max_queue: int = 64                # requests waiting for a row beyond this are refused (429)
     max_tokens: int = 256              # a request's default max_tokens (clipped to what fits in max_seq)

@@ -21,17 +21,10 @@ def serve(job) -> dict:
     """an OpenAI-compatible HTTP server over the generation artifact (continuous batching): server.host,
     server.port"""
     from tpcompile.api import Artifact
+    from tpcompile import pipeline
     s, r = job.server, job.runtime
-    if s.artifact:
-        path = Path(s.artifact)
-    else:
-        from tpcompile import pipeline
-        path = pipeline.build_generation(job).path
+    path = pipeline.build_generation(job).path  # artifact=DIR: that one, as it is
     artifact = Artifact(path)
-    spec = artifact.manifest.generation
-    if not spec:
-        raise ValueError(f"{path}: compiled without a KV cache; serve a generation artifact "
-                         f"(tpcompile compile kv_cache=true) or leave server.artifact unset")
     import uvicorn
 
     from tpcompile.serve.app import Served, make_app
