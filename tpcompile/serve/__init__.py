@@ -25,6 +25,7 @@ def serve(job) -> dict:
     s, r = job.server, job.runtime
     path = pipeline.build_generation(job).path  # artifact=DIR: that one, as it is
     artifact = Artifact(path)
+    spec = artifact.manifest.generation
     import uvicorn
 
     from tpcompile.serve.app import Served, make_app
