@@ -160,15 +160,22 @@ def compile(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: st
     return Artifact(path)
 
 
-def compile_pretrained(path, *, tp: int, plan="megatron", backend: str = "eager", dtype: torch.dtype | None = None,
+def compile_pretrained(path, *, tp: int, plan="auto", backend: str = "eager", dtype: torch.dtype | None = None,
+                       generate: bool = True, max_seq: int = 128, max_batch: int = 4, prefill_chunk: int = 16,
                        input_shape: tuple[int, int] = (1, 32), out_dir=None, device: str = "cpu") -> Artifact:
-    """Compile a Hugging Face checkpoint directory (config.json + safetensors, one file or indexed): every tensor
-    is checked against the file headers, then streamed once into per-rank files. dtype: the checkpoint's when
-    None. input_shape: (batch, tokens)."""
-    from tpcompile.pipeline import build_artifact
+    """Compile a Hugging Face checkpoint directory (config.json + safetensors, one file or indexed) with
+    transformers' own class for it: every tensor is checked against the file headers, then streamed once into
+    per-rank files. generate: the prefill + decode graphs with a KV cache of max_batch rows of max_seq tokens
+    (Artifact.generate); False: one forward graph of input_shape (batch, tokens) (Artifact.run). dtype: the
+    checkpoint's when None."""
+    from tpcompile.pipeline import build_artifact, build_generation
     job = pretrained_job(path, tp=tp, plan=plan, backend=backend, dtype=dtype, input_shape=input_shape,
                          out_dir=out_dir, device=device)
-    return Artifact(build_artifact(job, log=lambda *_: None).path)
+    if not generate:
+        return Artifact(build_artifact(job, log=lambda *_: None).path)
+    from tpcompile.config import GenerationConfig
+    job.generation = GenerationConfig(max_seq=max_seq, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    return Artifact(build_generation(job, log=lambda *_: None).path)
 
 
 def pretrained_job(path, *, tp: int, plan, backend: str, dtype: torch.dtype | None, input_shape, out_dir,

@@ -39,7 +39,18 @@ def capture(model: nn.Module, example_args: tuple) -> GraphModule:
     model.eval()
     with torch.no_grad():
         ep = torch.export.export(model, tuple(example_args))
-    return ep.module()
+    gm = ep.module()
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
+        gm.graph.erase_node(node)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for fqn, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if fqn not in used:  # held by the model but never read (a spare RoPE table): no weight, no engine input
+            owner, _, name = fqn.rpartition(".")
+            mod = gm.get_submodule(owner)
+            mod._parameters.pop(name, None)
+            mod._buffers.pop(name, None)
+    gm.recompile()
+    return gm
 
 
 def rank_program(gm: GraphModule, local_shapes: dict[str, tuple], dtypes: dict[str, torch.dtype],
@@ -82,6 +93,9 @@ def retarget_device(gm: GraphModule, device: str) -> int:
             changed += 1
         elif isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != torch.device(device):
             node.kwargs = {**node.kwargs, "device": torch.device(device)}
+            changed += 1
+        elif any(isinstance(a, torch.device) and a != torch.device(device) for a in node.args):  # aten.to.device
+            node.args = tuple(torch.device(device) if isinstance(a, torch.device) else a for a in node.args)
             changed += 1
     gm.recompile()
     return changed

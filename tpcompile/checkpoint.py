@@ -1,17 +1,18 @@
 """Hugging Face-format checkpoints: config.json + safetensors (one file, or an index over several) in,
 per-rank shards out (build.py streams them), and merged back.
 
-    Pretrained(dir)               config.json -> the mapping in conf/checkpoint/ that lists its model_type
-      .model(dtype)               the graph on the meta device with config.json's sizes
-      .check(model, seq_len)      every graph tensor present with the right shape and dtype, no tensor left over:
+    Pretrained(dir)               config.json -> transformers' config (refused here, before any tensor is read,
+                                  when the model cannot be captured: hf_model.refusal)
+      .model(dtype)               transformers' class for it on the meta device (hf_model.CausalLM)
+      .check(model, seq_len)      every parameter present with the right shape and dtype, no tensor left over:
                                   all from the file headers, before any work
       .source                     fqn -> global tensor, mapped from its file (memory: that tensor only)
     export_checkpoint(art, out)   rank shards -> HF safetensors, names and dtypes mapped back, config copied
 
-This module knows the file formats, not any model: which graph to build, its arguments and the tensor names
-all come from the mapping file. Nothing is ever unpickled.
+The graph's parameter names are the model's, which are the checkpoint's (after transformers' own renamings
+for the class, if any): no name tables. This module knows the file formats, not any model. Nothing is ever
+unpickled.
 """
-import importlib
 import json
 import re
 import shutil
@@ -20,16 +21,15 @@ from pathlib import Path
 
 import torch
 
+from tpcompile.hf_model import CausalLM, buffer_source, build_causal_lm, refusal
 from tpcompile.safetensors_io import (DTYPES, NAMES, SafetensorsError, StreamWriter, TensorInfo, map_tensor,
                                       read_header, read_tensor)
 
-CONF_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "conf" / "checkpoint"
 INDEX = "model.safetensors.index.json"
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model")  # travel with the artifact, hashed in its manifest
-MAP_FILE = "checkpoint.json"  # in the artifact: graph fqn -> checkpoint tensor name and dtype
-_UNSET = object()
+MAP_FILE = "checkpoint.json"  # in the artifact: checkpoint tensor name -> the fqns holding it, and its dtype
 
 
 class CheckpointError(ValueError):
@@ -86,88 +86,6 @@ def _pickle_error(file: Path) -> CheckpointError:
                            f"save_pretrained(dir, safe_serialization=True) where you trust the file")
 
 
-def _get(config: dict, key: str):
-    """config.json value at a dotted key; _UNSET when absent."""
-    node = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _UNSET
-        node = node[part]
-    return node
-
-
-@dataclass
-class Mapping:
-    """A conf/checkpoint/*.yaml file: how one model family's checkpoints become one graph."""
-    file: Path
-    graph: str
-    model_types: dict
-    args: dict
-    require: dict
-    seq_limit: list
-    vocab_key: str
-    names: dict
-    ignore: list
-
-    @staticmethod
-    def for_config(config: dict, config_file: Path) -> "Mapping":
-        from omegaconf import OmegaConf
-        model_type, known = config.get("model_type"), {}
-        for file in sorted(CONF_CHECKPOINT_DIR.glob("*.yaml")):
-            data = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
-            known.update({t: file.name for t in data.get("model_types", {})})
-            if model_type in data.get("model_types", {}):
-                return Mapping(file=file, graph=data["graph"], model_types=data["model_types"], args=data["args"],
-                               require=data.get("require", {}), seq_limit=data.get("seq_limit", []),
-                               vocab_key=data.get("vocab_key", "vocab_size"), names=data["names"],
-                               ignore=data.get("ignore", []))
-        raise CheckpointError(f"{config_file}: model_type {model_type!r} has no mapping in {CONF_CHECKPOINT_DIR} "
-                              f"(known: {sorted(known)}); add its tensor names and config keys there")
-
-    def graph_args(self, config: dict, config_file: Path) -> dict:
-        family = self.model_types[config["model_type"]] or {}
-        for key, allowed in {**self.require, **family.get("require", {})}.items():
-            value = _get(config, key)
-            value = None if value is _UNSET else value
-            if value not in allowed:
-                raise CheckpointError(f"{config_file}: {key}={value!r} is not supported by {self.graph} (supported: "
-                                      f"{allowed}; see {self.file.name})")
-        args = {}
-        for arg, spec in self.args.items():
-            keys = spec["key"] if isinstance(spec["key"], list) else [spec["key"]]
-            value = next((v for v in (_get(config, k) for k in keys) if v is not _UNSET and v is not None), _UNSET)
-            if value is _UNSET:
-                if "default" not in spec:
-                    raise CheckpointError(f"{config_file}: no {' or '.join(keys)}; {self.graph} needs it for {arg}")
-                value = spec["default"]
-            args[arg] = value
-        return {**args, **family.get("args", {})}
-
-    def to_checkpoint(self, fqn: str) -> str | None:
-        return _translate(fqn, self.names.items())
-
-    def to_graph(self, name: str) -> str | None:
-        return _translate(name, ((c, g) for g, c in self.names.items()))
-
-    def ignored(self, name: str) -> bool:
-        return any(re.fullmatch(_pattern(p), name) for p in self.ignore)
-
-
-def _pattern(glob: str) -> str:
-    return re.escape(glob).replace(r"\*", r"(\d+)")
-
-
-def _translate(name: str, pairs) -> str | None:
-    for src, dst in pairs:
-        m = re.fullmatch(_pattern(src), name)
-        if m:
-            out = dst
-            for g in m.groups():
-                out = out.replace("*", g, 1)
-            return out
-    return None
-
-
 class Pretrained:
     """A Hugging Face checkpoint directory, read from its config and headers only until .source is called."""
 
@@ -184,15 +102,19 @@ class Pretrained:
             self.config = json.loads(self.config_file.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{self.config_file}: not valid JSON ({e})") from None
-        self.mapping = Mapping.for_config(self.config, self.config_file)
-        self.args = self.mapping.graph_args(self.config, self.config_file)
+        self.hf_config = _hf_config(self.config_file, self.config)
+        why = refusal(self.hf_config)
+        if why:
+            raise CheckpointError(f"{self.config_file}: {why}")
         self.tensors = find_tensors(path)
-        self.names: dict[str, str] = {}        # graph fqn (tied ones too) -> checkpoint name read (filled by check)
-        self.saved: dict[str, list[str]] = {}  # checkpoint name -> the graph fqns holding it (several when tied)
+        self.names: dict[str, str] = {}        # fqn (tied ones too) -> checkpoint name read (filled by check)
+        self.saved: dict[str, list[str]] = {}  # checkpoint name -> the fqns holding it (several when tied)
+        self.computed: dict[str, torch.Tensor] = {}  # buffers transformers computes (RoPE tables), made on demand
+        self.architecture = (self.config.get("architectures") or [self.config.get("model_type")])[0]
 
     @property
     def vocab_size(self) -> int:
-        return int(_get(self.config, self.mapping.vocab_key))
+        return int(self.hf_config.get_text_config(decoder=True).vocab_size)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -203,60 +125,63 @@ class Pretrained:
         return next(i.dtype for i in self.tensors.values() if i.dtype.is_floating_point)
 
     def model(self, dtype: torch.dtype) -> torch.nn.Module:
-        module, _, cls = self.mapping.graph.rpartition(".")
-        with torch.device("meta"):
-            return getattr(importlib.import_module(module), cls)(**self.args).to(dtype)
+        """transformers' class for config.json on the meta device, its parameter names the checkpoint's."""
+        return CausalLM(build_causal_lm(self.hf_config, dtype))
 
-    def check(self, model: torch.nn.Module, seq_len: int) -> None:
-        """Every parameter of the meta model against the headers; nothing is read. Fills names/aliases."""
-        for key in self.mapping.seq_limit:
-            limit = _get(self.config, key)
-            if isinstance(limit, int) and seq_len > limit:
-                raise CheckpointError(f"{self.config_file}: sequence length {seq_len} exceeds {key}={limit}, which "
-                                      f"{self.mapping.graph} does not implement; use at most {limit} tokens")
-        groups: dict[int, list] = {}  # tied parameters (lm_head = embed) form one group: one tensor, any name
-        for fqn, p in model.named_parameters(remove_duplicate=False):
+    def check(self, model: CausalLM, seq_len: int) -> None:
+        """Every parameter of the meta model against the headers; nothing is read. Fills names/saved."""
+        limit = getattr(self.hf_config.get_text_config(decoder=True), "max_position_embeddings", None)
+        if isinstance(limit, int) and seq_len > limit:
+            raise CheckpointError(f"{self.config_file}: sequence length {seq_len} exceeds max_position_embeddings="
+                                  f"{limit}; use at most {limit} tokens")
+        hf = model.inner[0]
+        renamed = _renamed(hf, self.tensors, self.config_file)  # checkpoint name -> the model's name for it
+        by_fqn: dict[str, list[str]] = {}
+        for name, fqn in renamed.items():
+            by_fqn.setdefault(fqn, []).append(name)
+        groups: dict[int, list] = {}  # tied tensors (lm_head = embed) form one group: one tensor, any name
+        for fqn, p in [*hf.named_parameters(remove_duplicate=False), *_persistent_buffers(hf)]:
             groups.setdefault(id(p), []).append((fqn, p))
         expected = self.dtype
         for members in groups.values():
-            found = []
-            for fqn, p in members:
-                name = self.mapping.to_checkpoint(fqn)
-                if name is None:
-                    raise CheckpointError(f"{self.mapping.file}: graph parameter {fqn} has no checkpoint name; add "
-                                          f"it to `names`")
-                info = self.tensors.get(name)
-                if info is None:
-                    continue
-                if info.shape != tuple(p.shape):
-                    raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}, "
-                                          f"{self.config_file.name} implies {list(p.shape)} for {fqn}; the config "
-                                          f"disagrees with the tensors")
-                if info.dtype != expected:
-                    raise CheckpointError(f"{info.file}: tensor {name} is {str(info.dtype).removeprefix('torch.')}, "
-                                          f"the checkpoint is {str(expected).removeprefix('torch.')} (config.json "
-                                          f"dtype); re-save it in one dtype")
-                found.append(name)
+            found = [n for fqn, _ in members for n in by_fqn.get(fqn, [])]
+            for name in found:
+                self._check_tensor(name, members[0][1], expected)
             if not found:
                 fqn, p = members[0]
-                raise CheckpointError(f"{self.path}: tensor {self.mapping.to_checkpoint(fqn)} (graph {fqn}, "
-                                      f"{list(p.shape)}) is missing from the checkpoint ({len(self.tensors)} tensors "
-                                      f"in {self._files()})")
+                raise CheckpointError(f"{self.path}: tensor {fqn} ({list(p.shape)}) is missing from the checkpoint "
+                                      f"({len(self.tensors)} tensors in {self._files()})")
             self.names.update({fqn: found[0] for fqn, _ in members})
             self.saved.update({name: [fqn for fqn, _ in members] for name in found})
-        used = set(self.saved)
+        computed = _computed_buffers(hf)
+        ignore = [re.compile(p) for p in getattr(hf, "_keys_to_ignore_on_load_unexpected", None) or []]
         for name, info in self.tensors.items():
-            if name not in used and not self.mapping.ignored(name):
-                raise CheckpointError(f"{info.file}: tensor {name} is not used by {self.mapping.graph} built from "
-                                      f"{self.config_file.name} ({self.mapping.to_graph(name) or 'no graph name'}); "
-                                      f"the config disagrees with the tensors")
+            if name not in self.saved and renamed[name] not in computed \
+                    and not any(p.search(name) for p in ignore):
+                raise CheckpointError(f"{info.file}: tensor {name} is not used by {type(hf).__name__} built from "
+                                      f"{self.config_file.name}; the config disagrees with the tensors")
+        self._model = hf
+
+    def _check_tensor(self, name: str, p: torch.Tensor, expected: torch.dtype) -> None:
+        info = self.tensors[name]
+        if info.shape != tuple(p.shape):
+            raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}, {self.config_file.name} "
+                                  f"implies {list(p.shape)}; the config disagrees with the tensors")
+        if info.dtype != expected and p.is_floating_point():
+            raise CheckpointError(f"{info.file}: tensor {name} is {str(info.dtype).removeprefix('torch.')}, the "
+                                  f"checkpoint is {str(expected).removeprefix('torch.')} (config.json dtype); "
+                                  f"re-save it in one dtype")
 
     def _files(self) -> str:
         files = sorted({i.file.name for i in self.tensors.values()})
         return ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
 
     def source(self, fqn: str) -> torch.Tensor:
-        return map_tensor(self.tensors[self.names[fqn]])
+        if fqn in self.names:
+            return map_tensor(self.tensors[self.names[fqn]])
+        if fqn not in self.computed:  # a buffer transformers computes from the config (RoPE inverse frequencies)
+            self.computed.update(buffer_source(self._model, [fqn]))
+        return self.computed[fqn]
 
     def fingerprint(self) -> dict:
         """What identifies the checkpoint for the cache key, without hashing its bytes."""
@@ -268,9 +193,57 @@ class Pretrained:
         """Files to copy into the artifact: config, generation config and tokenizer, and the name map."""
         out = {name: self.path / name for name in SIDE_FILES if (self.path / name).is_file()}
         order = sorted(self.saved, key=lambda n: (self.tensors[n].file.name, self.tensors[n].start))
-        out[MAP_FILE] = json.dumps({"mapping": self.mapping.file.name, "tensors": {  # checkpoint order
+        out[MAP_FILE] = json.dumps({"architecture": self.architecture, "tensors": {  # checkpoint order
             n: {"fqns": self.saved[n], "dtype": NAMES[self.tensors[n].dtype]} for n in order}}, indent=1).encode()
         return out
+
+
+def _hf_config(config_file: Path, config: dict):
+    """transformers' config for config.json (its own class, never remote code)."""
+    from transformers import AutoConfig
+    model_type = config.get("model_type")
+    try:
+        return AutoConfig.from_pretrained(config_file.parent, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        import transformers
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{config_file}: model_type {model_type!r} is not a model of transformers "
+                              f"{transformers.__version__} ({first[:200]}); tpcompile captures transformers' own "
+                              f"classes, never remote code") from None
+
+
+def _persistent_buffers(model) -> list[tuple[str, torch.Tensor]]:
+    computed = _computed_buffers(model)
+    return [(f, b) for f, b in model.named_buffers(remove_duplicate=False) if f not in computed]
+
+
+def _computed_buffers(model) -> set[str]:
+    """Non-persistent buffers: transformers computes them from the config; a checkpoint may hold stale copies."""
+    out = set()
+    for name, mod in model.named_modules():
+        out.update(f"{name}.{b}" if name else b for b in mod._non_persistent_buffers_set)
+    return out
+
+
+def _renamed(model, tensors: dict, config_file: Path) -> dict[str, str]:
+    """checkpoint name -> the model's name for it, by transformers' own key renamings for this class (legacy
+    names, prefixes). A key transformers must convert (merge, split, transpose) is refused: tpcompile streams
+    tensors as they are stored."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta_state = dict(model.state_dict())
+    out = {}
+    for name in tensors:
+        new, converted = rename_source_key(name, renamings, converters, model.base_model_prefix, meta_state)
+        if converted is not None:
+            raise CheckpointError(f"{config_file.parent}: tensor {name} is stored in a layout transformers converts "
+                                  f"when loading ({converted}); save the model again with transformers "
+                                  f"(save_pretrained) so its tensors are stored as the model holds them")
+        out[name] = new
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- export

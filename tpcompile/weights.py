@@ -61,9 +61,13 @@ def _reset_alone(path: str, mod: nn.Module, seed: int) -> nn.Module:
 def materialize(model: nn.Module, source: Source, dtype: torch.dtype | None = None) -> nn.Module:
     """Give a meta-device model real tensors from a source (the unsharded reference). A tied tensor is asked
     for by the fqn it was first registered under, as torch.export names it."""
+    from tpcompile.capture import set_tensor
     first = _first_names(model)
     state = {fqn: source(first[fqn]) for fqn, t in _tensors(model) if t.device.type == "meta"}
     model.load_state_dict(state, assign=True, strict=False)
+    for fqn, t in list(model.named_buffers(remove_duplicate=False)):
+        if t.device.type == "meta" and fqn in state:  # non-persistent buffers (RoPE tables): load_state_dict skips them
+            set_tensor(model, fqn, state[fqn])
     if dtype is not None:
         model.to(dtype)
     return model.eval()

@@ -1,7 +1,8 @@
 """Rules for ops that work element by element or along one dim. Pointwise: S(d) op R -> S(d) when R is
-broadcast along d; partial sums stay partial through ops linear in them (P+P, P*R, ...). norm and softmax:
-a cut dim they do not reduce stays cut. index_copy, index_put: the written buffer and value must be cut alike
-(an unplaced state buffer, the KV cache, takes the value's placement).
+broadcast along d; partial sums stay partial through ops linear in them (P+P, P*R, ...). norm, softmax and
+reductions (mean, sum, amax, amin): a cut dim they do not reduce stays cut. index_copy, index_put: the
+written buffer and value must be cut alike (an unplaced state buffer, the KV cache, takes the value's
+placement).
 """
 from dataclasses import replace
 
@@ -77,6 +78,20 @@ def _rule_norm(w: Walk, node: Node):
         w.require(node, a, R)
     if isinstance(px, Shard) and px.dim < nd - len(normalized):
         return px
+    return w.require(node, x, R)
+
+
+@rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default)
+def _rule_reduce(w: Walk, node: Node):
+    """mean / sum / amax / amin over `dims` (an RMSNorm written out: x * rsqrt(mean(x**2, -1) + eps)):
+    a cut dim they do not reduce stays cut (renumbered when keepdim drops the reduced dims)."""
+    x, dims = node.args[0], node.args[1]
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    px, nd = w.pl(x), len(shape_of(x))
+    reduced = {d % nd for d in ([dims] if isinstance(dims, int) else dims or range(nd))}
+    if isinstance(px, Shard) and px.dim % nd not in reduced:
+        dim = px.dim % nd
+        return replace(px, dim=dim if keepdim else dim - sum(d < dim for d in reduced))
     return w.require(node, x, R)
 
 
