@@ -145,11 +145,13 @@ class ServerConfig:
     max_tokens: int = 256              # a request's default max_tokens (clipped to what fits in max_seq)
     drain_s: float = 30.0              # on SIGTERM: streams in flight finish within this, then are cut
     step_timeout_s: float = 60.0       # bound on one scheduler step on the workers (after the warm-up)
+    decode_steps: int = 4              # decode steps per worker call while no request waits to join (fewer round
+                                       # trips per token; a new request waits at most this many steps)
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise ConfigError(f"server.port={self.port}: use a port in [0, 65535]")
-        for key in ("max_queue", "max_tokens"):
+        for key in ("max_queue", "max_tokens", "decode_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"server.{key}={getattr(self, key)}: must be >= 1")
         for key in ("drain_s", "step_timeout_s"):

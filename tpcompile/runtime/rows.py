@@ -3,7 +3,7 @@
 One op, "rows_step", does in order what a scheduler asks between two decode steps:
 
     {"release": [row, ...],          rows that stop now (a client went away, a stop string was seen)
-     "decode": true,                 one decode step of every running row, each sampled with its own options
+     "decode": n,                    n decode steps of every running row, each sampled with its own options
      "prefill": [{"row": r, "tokens": [...], "pos": p, "start": {...} | None}, ...]}
                                      one chunk per row: <= prefill_chunk tokens at positions p, p+1, ...;
                                      "start" on a prompt's last chunk: the row samples its first token and runs
@@ -42,13 +42,16 @@ class Rows:
         self.running: dict[int, Row] = {}
         self.step_mask = torch.zeros(self.B, dtype=torch.long, device=self.device)  # 1 for running rows
 
-    def step(self, release: list[int] = (), decode: bool = False, prefill: list[dict] = ()) -> dict:
+    def step(self, release: list[int] = (), decode: int = 0, prefill: list[dict] = ()) -> dict:
+        """decode: how many decode steps of the running rows (True: one); the rows that end on the way stop."""
         for row in release:
             self._end(row)
         for c in prefill:
             self._check_chunk(c)
         out, ended = [], []
-        if decode and self.running:
+        for _ in range(int(decode)):
+            if not self.running:
+                break
             logits = self.engine.graphs["decode"](self.tokens[:, None], self.positions[:, None])
             self.positions = self.positions + self.step_mask  # a new tensor: an engine may keep the old one
             rows = sorted(self.running)

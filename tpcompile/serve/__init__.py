@@ -43,7 +43,7 @@ def serve(job) -> dict:
     t0 = time.perf_counter()
     with session:
         scheduler = Scheduler(session, metrics=Metrics(), max_queue=s.max_queue, step_timeout_s=s.step_timeout_s,
-                              warm_timeout_s=r.call_timeout_s, log=log)
+                              warm_timeout_s=r.call_timeout_s, log=log, decode_steps=s.decode_steps)
         scheduler.start()
         app = make_app(scheduler, Served(tokenizer_for(path), name, vocab=spec["vocab_size"], max_seq=spec["max_seq"],
                                          max_tokens=s.max_tokens, stop_ids=stop_ids(path, job.generation.eos_token_id)))

@@ -62,11 +62,12 @@ class Request:
 
 class Scheduler:
     def __init__(self, session, *, metrics, max_queue: int, step_timeout_s: float, warm_timeout_s: float,
-                 log: Callable[[dict], None]):
+                 log: Callable[[dict], None], decode_steps: int = 1):
         spec = session.artifact.manifest.generation
         self.session, self.metrics, self.log = session, metrics, log
         self.B, self.S, self.chunk = spec["max_batch"], spec["max_seq"], spec["prefill_chunk"]
         self.max_queue, self.step_timeout_s, self.warm_timeout_s = max_queue, step_timeout_s, warm_timeout_s
+        self.decode_steps = decode_steps  # decode steps per worker call while no request waits to join
         self.cond = threading.Condition()
         self.waiting: deque[Request] = deque()
         self.rows: dict[int, Request] = {}
@@ -183,7 +184,9 @@ class Scheduler:
                 start = {"max_new_tokens": req.max_tokens, "temperature": req.temperature, "top_k": req.top_k,
                          "top_p": req.top_p, "seed": req.seed, "stop": list(req.stop_ids)}
             chunks.append({"row": row, "tokens": req.prompt[req.sent:req.sent + n], "pos": req.sent, "start": start})
-        decode = any(req.started for req in self.rows.values())
+        decode = 0
+        if any(req.started for req in self.rows.values()):  # several steps per call while nobody waits to join
+            decode = 1 if (chunks or release or self.waiting) else self.decode_steps
         self.metrics.running.set(len(self.rows))
         if not (release or chunks or decode):
             return None, []
