@@ -95,16 +95,19 @@ class Session:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def generate(self, prompt_token_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | list[int] | None = None,
                  on_tokens=None, step_tokens: int = 1, return_logits: bool = False):
-        """Generate up to max_new_tokens for each prompt; a row stops after eos_token_id. on_tokens(step) is
+        """Generate up to max_new_tokens for each prompt; a row stops after eos_token_id (one id or several, as
+        generation_config.json lists them: tokenizer.eos_ids). on_tokens(step) is
         called with each step's new token per row as they arrive. Returns the new tokens per prompt (and the
         logits of every step, (steps, rows, vocab), with return_logits=True)."""
         from tpcompile.runtime.generate import check_request, step_or_resume
         spec = self.artifact.manifest.generation
         if not spec:
-            raise ValueError(f"{self.artifact.path}: compiled without a KV cache; build it with `tpcompile generate`")
+            raise ValueError(f"{self.artifact.path}: compiled without a KV cache; compile it with "
+                             f"compile_pretrained(DIR, tp=N) (generate=True) or `tpcompile compile kv_cache=true`")
         prompts = [list(map(int, p)) for p in prompt_token_ids]
+        stops = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
         check_request(spec, prompts, max_new_tokens)  # refuse here: a failed request ends the worker group
         start = {"prompts": prompts, "max_new_tokens": max_new_tokens, "temperature": float(temperature),
                  "top_k": int(top_k), "top_p": float(top_p), "seed": int(seed), "return_logits": return_logits}
@@ -120,7 +123,7 @@ class Session:
                 for row, token in enumerate(step):
                     if not finished[row]:
                         out[row].append(token)
-                        finished[row] = token == eos_token_id
+                        finished[row] = token in stops
                 if on_tokens:
                     on_tokens(step)
                 if bar is not None:

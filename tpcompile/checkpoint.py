@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from tpcompile.hf_model import CausalLM, buffer_source, build_causal_lm, refusal
+from tpcompile.tokenizer import TOKENIZER_FILES
 from tpcompile.safetensors_io import (DTYPES, NAMES, SafetensorsError, StreamWriter, TensorInfo, map_tensor,
                                       read_header, read_tensor)
 
 INDEX = "model.safetensors.index.json"
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "tokenizer.model")  # travel with the artifact, hashed in its manifest
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)  # travel with the artifact, hashed
 MAP_FILE = "checkpoint.json"  # in the artifact: checkpoint tensor name -> the fqns holding it, and its dtype
 
 

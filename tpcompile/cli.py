@@ -86,25 +86,21 @@ def cmd_inspect(job) -> dict:
 
 
 def cmd_generate(job) -> dict:
-    """compile prefill + decode graphs with a sharded KV cache and stream generated text"""
+    """compile prefill + decode graphs with a sharded KV cache and stream generated text
+    (generation.chat=true: through the tokenizer's chat template; generation.stop: stop strings)"""
     from tpcompile import pipeline
-    from tpcompile.tokenizer import tokenizer_for
+    from tpcompile.serve.text import TextStream
+    from tpcompile.tokenizer import eos_ids, prompt_ids, tokenizer_for
     g = job.generation
     built = pipeline.build_generation(job)
     tok = tokenizer_for(built.path)
-    eos = g.eos_token_id if g.eos_token_id is not None else _checkpoint_eos(built.path)
-    prompt = tok.encode(g.prompt)
-    new: list[int] = []
-    printed = 0
+    eos = eos_ids(built.path, g.eos_token_id)
+    prompt = prompt_ids(tok, g.prompt, g.chat)
+    text = TextStream(tok, list(g.stop), frozenset(eos))
     print(g.prompt, end="", flush=True)
 
     def stream(step):
-        nonlocal printed
-        new.append(step[0])
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[printed:], end="", flush=True)
-            printed = len(text)
+        print(text.add(step[0]), end="", flush=True)
 
     t0 = time.perf_counter()
     with _session(job, built.path) as s:
@@ -112,10 +108,10 @@ def cmd_generate(job) -> dict:
         tokens = s.generate([prompt], g.max_new_tokens, g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
                             eos_token_id=eos, on_tokens=stream)[0]
         seconds = time.perf_counter() - started
-    print(tok.decode(new)[printed:])
+    print(text.finish())
     print(f"[{len(tokens)} tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s) on {job.tp} worker(s); "
           f"with start-up {time.perf_counter() - t0:.2f} s; artifact {built.path}]")
-    return {"artifact": str(built.path), "prompt_tokens": prompt, "tokens": tokens, "text": tok.decode(tokens),
+    return {"artifact": str(built.path), "prompt_tokens": prompt, "tokens": tokens, "text": text.text,
             "generate_seconds": seconds}
 
 
@@ -173,7 +169,8 @@ def usage() -> str:
         names = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         lines.append(f"  {group}={'|'.join(names)}")
     lines += ["", "keys: tp=2 dtype=float32|bfloat16 runtime.device=cpu|cuda model.path=DIR (model=hf)",
-              "      generation.{prompt,max_new_tokens,temperature,top_k,top_p,seed,max_seq,max_batch,prefill_chunk}",
+              "      generation.{prompt,chat,stop,max_new_tokens,temperature,top_k,top_p,seed,max_seq,max_batch,"
+              "prefill_chunk}",
               "      verify.{tolerance,per_layer} inspect.{render,render_layer} bench.* runtime.*   (--cfg job lists all)",
               "sweep: tpcompile verify -m tp=1,2,4 backend=eager,inductor"]
     return "\n".join(lines)
@@ -282,13 +279,6 @@ def _session(job, path):
     return Artifact(path).session(start_timeout_s=r.start_timeout_s, call_timeout_s=r.call_timeout_s,
                                   heartbeat_timeout_s=r.heartbeat_timeout_s, log_dir=logs,
                                   max_restarts=r.max_restarts, collectives=r.collectives)
-
-
-def _checkpoint_eos(path: Path):
-    """The end token of a checkpoint's generation_config.json (the first, if it lists several)."""
-    file = Path(path) / "generation_config.json"
-    eos = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
-    return eos[0] if isinstance(eos, list) and eos else eos
 
 
 def export_checkpoint(argv: list[str], debug: bool) -> int:

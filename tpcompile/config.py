@@ -107,6 +107,8 @@ class GenerationConfig:
     top_p: float = 1.0                 # 1.0: off
     seed: int = 0                      # sampling seed
     eos_token_id: Optional[int] = None # stop a row at this token (default: the checkpoint's generation_config)
+    chat: bool = False                 # generate: the prompt as a user message through the tokenizer's chat template
+    stop: list[str] = field(default_factory=list)  # generate: stop strings (the text ends before the first)
 
     def __post_init__(self):
         for key in ("max_seq", "max_batch", "prefill_chunk"):
