@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 from torch.export import ExportedProgram
 
+import tpcompile.kernels  # noqa: F401  registers torch.ops.tpcompile.*, which a rank graph may call
 from tpcompile.artifact import check_no_pickle
 from tpcompile.capture import retarget_device, set_tensor
 from tpcompile.passes.stage_collectives_on_host import stage_collectives_on_host
