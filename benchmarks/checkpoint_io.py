@@ -114,7 +114,7 @@ def timed_publish(*a, **k):  # hashes every file of the artifact, writes the man
     t0 = time.perf_counter(); out = inner_publish(*a, **k); timing["publish"] = time.perf_counter() - t0; return out
 build.write_rank_weights, build.publish = timed, timed_publish
 t0 = time.perf_counter()
-art = tpcompile.compile_pretrained(sys.argv[1], tp=int(sys.argv[2]), out_dir=sys.argv[3])
+art = tpcompile.compile_pretrained(sys.argv[1], tp=int(sys.argv[2]), generate=False, out_dir=sys.argv[3])
 print(json.dumps({"artifact": str(art.path), "compile_seconds": time.perf_counter() - t0, "reshard_seconds": timing["seconds"],
                   "publish_seconds": timing["publish"], "rss_before_reshard": timing["rss_before"],
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

@@ -145,9 +145,12 @@ def load(path) -> Artifact:
     return Artifact(path)
 
 
-def compile(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: str = "eager",
-            out_dir=None, device: str = "cpu") -> Artifact:
-    """Shard a model that holds its weights. plan: a name from conf/plan, a YAML path, or {pattern: style}."""
+def compile(model: nn.Module, example_args: tuple = (), *, tp: int, plan, backend: str = "eager",
+            out_dir=None, device: str = "cpu", generate: bool = False, max_seq: int = 128, max_batch: int = 4,
+            prefill_chunk: int = 16) -> Artifact:
+    """Shard a model that holds its weights. plan: a name from conf/plan, a YAML path, or {pattern: style}.
+    generate: a transformers causal LM compiled to prefill + decode graphs with a KV cache of max_batch rows of
+    max_seq tokens (Artifact.generate; example_args are not needed); else the forward graph of example_args."""
     from tpcompile.pipeline import build_module
     example_args = tuple(example_args)
     state = model.state_dict()
@@ -158,8 +161,10 @@ def compile(model: nn.Module, example_args: tuple, *, tp: int, plan, backend: st
     for name in sorted(state):
         digest.update(name.encode())
         digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    generation = dict(max_batch=max_batch, max_seq=max_seq, prefill_chunk=prefill_chunk) if generate else None
     path = build_module(model, example_args, tp=tp, rules=load_rules(plan), backend=backend,
-                        out_root=Path(out_dir or DEFAULT_OUT), device=device, key_parts={"weights": digest.hexdigest()})
+                        out_root=Path(out_dir or DEFAULT_OUT), device=device, key_parts={"weights": digest.hexdigest()},
+                        generation=generation)
     return Artifact(path)
 
 

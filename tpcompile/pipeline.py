@@ -111,17 +111,24 @@ def build_artifact(job, probe: bool = False, log=print) -> Built:
 def generation_graphs(job, model: Model) -> dict[str, GraphSpec]:
     """prefill (prefill_chunk tokens per row) and decode (one token per row), captured from the model's cached
     forward after setup_cache(max_batch, max_seq); both take (input_ids, positions) (runtime/generate.py)."""
-    from tpcompile.runtime.generate import generation_inputs
     g = job.generation
     if not hasattr(model.module, "setup_cache"):
         raise ValueError(f"model {job.model.name} ({type(model.module).__name__}) has no setup_cache(max_batch, "
                          f"max_seq): it cannot decode with a KV cache; use a decoder such as model=llama_tiny")
     with torch.device("meta"):
         model.module.setup_cache(g.max_batch, g.max_seq, model.dtype)
-    B, graphs = g.max_batch, {}
-    for name, T in progress((("prefill", g.prefill_chunk), ("decode", 1)), "capture"):
-        specs, args = generation_inputs(B, T, g.max_seq, vocab=None)  # the vocabulary is read from the graph
-        graphs[name] = GraphSpec(capture(model.module, args), args, specs)
+    return _cached_graphs(model.module, g.max_batch, g.max_seq, g.prefill_chunk)
+
+
+def _cached_graphs(module: nn.Module, B: int, max_seq: int, chunk: int, device: str = "meta") -> dict[str, GraphSpec]:
+    """Both generation graphs of a module after its setup_cache; example inputs on `device` (cpu for a module
+    that holds its weights)."""
+    from tpcompile.runtime.generate import generation_inputs
+    graphs = {}
+    for name, T in progress((("prefill", chunk), ("decode", 1)), "capture"):
+        specs, args = generation_inputs(B, T, max_seq, vocab=None)  # the vocabulary is read from the graph
+        args = tuple(torch.zeros_like(a, device=device) for a in args)
+        graphs[name] = GraphSpec(capture(module, args), args, specs)
     vocab = _output_size(graphs["decode"].gm)
     for graph in graphs.values():
         graph.input_specs[0]["high"] = vocab
@@ -151,17 +158,27 @@ def inspect(job) -> tuple[Preflight, float]:
 
 
 def build_module(model: nn.Module, example_args: tuple, *, tp: int, rules: list[Rule], backend: str,
-                 out_root: Path, device: str, key_parts: dict) -> Path:
-    """An artifact from a module that holds its own weights (tpcompile.compile)."""
+                 out_root: Path, device: str, key_parts: dict, generation: dict | None = None) -> Path:
+    """An artifact from a module that holds its own weights (tpcompile.compile). generation {max_batch, max_seq,
+    prefill_chunk}: a transformers causal LM's prefill + decode graphs (hf_model.CausalLM), not the forward."""
     from tpcompile.weights import module_source
-    gm = capture(model, example_args)
     state = model.state_dict()
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    specs = [{"name": f"arg{i}", "shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch."),
-              "high": None} for i, a in enumerate(example_args)]
-    return build({"forward": GraphSpec(gm, example_args, specs)}, rules=rules, tp=tp, backend=backend,
-                 source=module_source(model), dtype=dtype, device=device, out_root=out_root, key_parts=key_parts,
-                 trace_device="cpu", log=lambda *_: None)
+    if generation is None:
+        gm = capture(model, example_args)
+        specs = [{"name": f"arg{i}", "shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch."),
+                  "high": None} for i, a in enumerate(example_args)]
+        graphs = {"forward": GraphSpec(gm, example_args, specs)}
+    else:
+        from tpcompile.hf_model import CausalLM
+        model = CausalLM(model)
+        model.setup_cache(generation["max_batch"], generation["max_seq"], dtype)
+        graphs = _cached_graphs(model, generation["max_batch"], generation["max_seq"], generation["prefill_chunk"],
+                                device="cpu")
+        generation = {**generation, "vocab_size": graphs["decode"].input_specs[0]["high"]}
+    return build(graphs, rules=rules, tp=tp, backend=backend, source=module_source(model), dtype=dtype,
+                 device=device, out_root=out_root, key_parts=key_parts, trace_device="cpu", generation=generation,
+                 log=lambda *_: None)
 
 
 def _build(job, model: Model, graphs: dict[str, GraphSpec], generation: dict | None = None, log=print) -> Path:
