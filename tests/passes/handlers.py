@@ -214,3 +214,65 @@ class KernelCheck:
 
 def make_kernel_check(*, rank: int, world_size: int, device: str) -> KernelCheck:
     return KernelCheck(rank, world_size, device)
+
+
+# The kernel's protocol on the CPU, under Triton's interpreter (TRITON_INTERPRET=1): one process per rank, each
+# rank's peer buffer a shared file every process maps, so pushes land in the other processes' memory as over P2P.
+INTERPRETED_CASES = [(1, 64, "bfloat16", False), (3, 100, "bfloat16", True), (2, 64, "float32", None),
+                     (5, 32, "float16", False), (1, 64, "bfloat16", False), (4, 128, "bfloat16", True)]
+INTERPRETED_MAX = 1024  # elements per rank and call
+
+
+def peer_files(root: str, tp: int, dtype: str, create: bool = False) -> list[torch.Tensor]:
+    """Every rank's buffer (3 rounds x tp x INTERPRETED_MAX), mapped from files under root; create: fill with the
+    sentinel (-0.0)."""
+    from tpcompile.kernels.lamport import INT, SENTINEL
+    dt = getattr(torch, dtype)
+    bufs = [torch.from_file(f"{root}/{dtype}{r}", shared=True, size=3 * tp * INTERPRETED_MAX, dtype=dt)
+            for r in range(tp)]
+    if create:
+        for b in bufs:
+            b.view(INT[dt]).fill_(SENTINEL[INT[dt]])
+    return bufs
+
+
+def interpreted_rank(rank: int, tp: int, root: str, repeats: int) -> None:
+    """Run INTERPRETED_CASES `repeats` times as rank `rank`; save the outputs and control blocks to root."""
+    from tpcompile.kernels import lamport
+    bufs = {d: peer_files(root, tp, d) for d in {c[2] for c in INTERPRETED_CASES}}
+    peers = {d: torch.tensor([b.data_ptr() for b in bufs[d]], dtype=torch.int64) for d in bufs}
+    ctrls = {d: torch.zeros(4, dtype=torch.int32) for d in bufs}
+    outs = {}
+    for rep in range(repeats):
+        for i, (rows, d, dtype, upcast) in enumerate(INTERPRETED_CASES):
+            x, residual, weight = kernel_inputs(rank, rows, d, dtype, 10 * rep + i, "cpu")
+            normed, s = lamport.launch(x, residual, weight, 1e-5, upcast, peers=peers[dtype].data_ptr(),
+                                       buffer=bufs[dtype][rank], ctrl=ctrls[dtype], rank=rank, tp=tp)
+            outs[f"{rep}.{i}.s"] = s
+            if normed is not None:
+                outs[f"{rep}.{i}.normed"] = normed
+    outs.update({f"ctrl.{d}": c for d, c in ctrls.items()})
+    torch.save(outs, f"{root}/out{rank}.pt")
+
+
+def interpreted_expected(tp: int, rep: int, i: int) -> tuple:
+    """What the kernel computes for case i of repeat rep, in torch ops; fp32 -> bf16 truncates, as the interpreter
+    does (a GPU rounds to nearest even)."""
+    rows, d, dtype, upcast = INTERPRETED_CASES[i]
+    dt = getattr(torch, dtype)
+
+    def down(t):
+        if dt == torch.bfloat16:
+            return (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(dt)
+        return t.to(dt)
+    xs = [kernel_inputs(r, rows, d, dtype, 10 * rep + i, "cpu")[0] for r in range(tp)]
+    _, residual, weight = kernel_inputs(0, rows, d, dtype, 10 * rep + i, "cpu")
+    total = xs[0].float()
+    for x in xs[1:]:
+        total = total + x.float()
+    s = down(residual.float() + down(total).float())
+    if upcast is None:
+        return None, s
+    f = s.float()
+    y = f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + 1e-5)
+    return down(down(y).float() * weight.float() if upcast else y * weight.float()), s

@@ -263,3 +263,44 @@ def test_peer_memory_kernel_matches_a_rank_order_sum(tp):
         assert rec["normed_err"] <= 2 ** -7, (case, rec)  # one bf16 rounding of the largest value
     assert "over the" in out["too_large"] and out["fallback_equal"]
     assert out["late_rows"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_triton(), reason="Triton's interpreter needs triton")
+@pytest.mark.parametrize("tp", [2, 4])
+def test_peer_memory_kernel_protocol_in_the_triton_interpreter(tp, tmp_path):
+    """The kernel run by Triton's interpreter on the CPU, one process per rank, peer buffers in shared files: sums
+    exact against an fp32 rank-order sum, the same bits on every rank, over 12 calls of mixed sizes and dtypes (the
+    rounds wrap around; each reset covers the previous call's size); the round advanced once per call."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.passes.handlers import INTERPRETED_CASES, interpreted_expected, peer_files
+    repeats = 2
+    for dtype in {c[2] for c in INTERPRETED_CASES}:
+        peer_files(str(tmp_path), tp, dtype, create=True)
+    code = "import sys; from tests.passes.handlers import interpreted_rank as r; r(*map(int, sys.argv[1:3]), " \
+           "sys.argv[3], int(sys.argv[4]))"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(tp), str(tmp_path), str(repeats)], cwd=REPO,
+                              env=env, stderr=subprocess.PIPE, text=True) for r in range(tp)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    outs = [torch.load(tmp_path / f"out{r}.pt") for r in range(tp)]
+    for rep in range(repeats):
+        for i, (_, _, dtype, upcast) in enumerate(INTERPRETED_CASES):
+            normed, s = interpreted_expected(tp, rep, i)
+            for out in outs:
+                assert torch.equal(out[f"{rep}.{i}.s"], s), (rep, i)
+                assert torch.equal(out[f"{rep}.{i}.s"], outs[0][f"{rep}.{i}.s"])
+                if normed is not None:
+                    got = out[f"{rep}.{i}.normed"].float()
+                    assert (got - normed.float()).abs().max() <= 2 ** -7 * normed.float().abs().max(), (rep, i)
+                    assert torch.equal(out[f"{rep}.{i}.normed"], outs[0][f"{rep}.{i}.normed"])
+    calls = {d: repeats * sum(c[2] == d for c in INTERPRETED_CASES) for d in {c[2] for c in INTERPRETED_CASES}}
+    for d, n in calls.items():  # [round, programs finished, elements to reset, rows that gave up]
+        last = max(i for i, c in enumerate(INTERPRETED_CASES) if c[2] == d)
+        rows, width = INTERPRETED_CASES[last][:2]
+        assert outs[0][f"ctrl.{d}"].tolist() == [n % 3, 0, tp * rows * width, 0], d

@@ -35,20 +35,22 @@ MAX_ROW = 16384       # elements of one row (one program holds a row in register
 SPIN = 1 << 24        # re-reads of a row before a missing peer turns it into NaN
 INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 SENTINEL = {torch.int16: -(1 << 15), torch.int32: -(1 << 31)}  # the bits of -0.0
-TL_INT = {torch.int16: tl.int16, torch.int32: tl.int32}
 
 
+# peers: the address of tp buffer addresses; local: this rank's buffer, own: the same as integers of the same
+# width (the sentinel's bits SENT); ctrl: the control block; n: elements of x; one program per row of D.
 @triton.jit
-def _one_shot(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, peers, ctrl, n, eps,
+def _one_shot(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, peers, local, own, ctrl, n, eps,
               D: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr, TP: tl.constexpr, ROUND: tl.constexpr,
-              BITS: tl.constexpr, SENT: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
-              UPCAST: tl.constexpr, SPIN: tl.constexpr):
+              SENT: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, UPCAST: tl.constexpr,
+              SPIN: tl.constexpr):
     row = tl.program_id(0)
     k = tl.load(ctrl, volatile=True)               # this call's round, 0..2
     stale = tl.load(ctrl + 2, volatile=True)       # elements the previous call used
     cols = tl.arange(0, BLOCK)
     mask = cols < D
     dt = x_ptr.dtype.element_ty
+    BITS = own.dtype.element_ty
     peers = peers.to(tl.pointer_type(tl.uint64))
     bits = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(BITS, bitcast=True)
     mine = tl.where(bits == SENT, tl.zeros_like(bits), bits).to(dt, bitcast=True)  # -0.0 -> +0.0: never the sentinel
@@ -57,7 +59,6 @@ def _one_shot(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, peers, ctrl, n, eps,
         if r != RANK:
             peer = tl.load(peers + r).to(tl.pointer_type(dt))
             tl.store(peer + at + RANK * n, mine, mask=mask)
-    local = tl.load(peers + RANK).to(tl.pointer_type(dt))
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     late = tl.full([], 0, tl.int32)
     for r in tl.static_range(TP):                  # 2. pull, in rank order
@@ -88,7 +89,7 @@ def _one_shot(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, peers, ctrl, n, eps,
             else:
                 y = y * w
         tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
-    own = local.to(tl.pointer_type(BITS)) + ((k + 2) % 3) * ROUND  # 4. reset the previous call's round
+    own = own + ((k + 2) % 3) * ROUND              # 4. reset the previous call's round
     for start in range(row * BLOCK, stale, tl.num_programs(0) * BLOCK):
         tl.store(own + start + cols, tl.full([BLOCK], SENT, BITS), mask=start + cols < stale)
     tl.debug_barrier()                             # 5. every thread of this program is done with k
@@ -148,8 +149,8 @@ def _no_kernel_reason(group_name: str, device: torch.device) -> str | None:
     if torch.cuda.is_current_stream_capturing():
         return "the first call came inside a CUDA graph capture; peer buffers are set up outside one"
     group = torch._C._distributed_c10d._resolve_process_group(group_name)
-    backend = dist.get_backend(group)
-    if backend != "nccl":
+    backend = str(dist.get_backend(group))
+    if "nccl" not in backend:
         return f"the process group runs {backend}, not NCCL"
     here = (socket.gethostname(), torch.cuda.current_device() if device.index is None else device.index)
     everyone = [None] * group.size()
@@ -181,6 +182,15 @@ def fused(x: torch.Tensor, residual: torch.Tensor, weight, eps, upcast, group_na
     space = workspace(group_name, x.dtype, x.device)
     if isinstance(space, str):
         return space
+    return launch(x, residual, weight, eps, upcast, peers=space.handle.buffer_ptrs_dev, buffer=space.buffer,
+                  ctrl=space.ctrl, rank=space.rank, tp=space.tp)
+
+
+def launch(x: torch.Tensor, residual: torch.Tensor, weight, eps, upcast, *, peers: int, buffer: torch.Tensor,
+           ctrl: torch.Tensor, rank: int, tp: int) -> tuple:
+    """One call of the kernel on given buffers: peers, the address of tp buffer addresses (this rank's `buffer`
+    among them, 3 rounds of tp x (its largest message) elements, filled with the sentinel at first); ctrl, int32[4]
+    zeros at first. fused() passes the workspace's; a test may pass buffers of its own."""
     x, residual = x.contiguous(), residual.contiguous()
     s = torch.empty_like(x)
     norm = upcast is not None
@@ -188,11 +198,11 @@ def fused(x: torch.Tensor, residual: torch.Tensor, weight, eps, upcast, group_na
     normed = torch.empty(x.shape, dtype=out_dtype, device=x.device) if norm else s
     if eps is None:  # aten.rms_norm's default: the machine epsilon of the accumulation type
         eps = torch.finfo(torch.float32).eps
+    D, bits = x.shape[-1], INT[x.dtype]
     BLOCK = triton.next_power_of_2(D)
-    bits = INT[x.dtype]
     _one_shot[(x.numel() // D,)](
-        x, residual, weight if weight is not None else x, normed, s, space.handle.buffer_ptrs_dev, space.ctrl,
-        x.numel(), float(eps if norm else 0.0), D=D, BLOCK=BLOCK, RANK=space.rank, TP=space.tp, ROUND=space.round,
-        BITS=TL_INT[bits], SENT=SENTINEL[bits], NORM=norm, HAS_W=weight is not None, UPCAST=bool(upcast),
-        SPIN=SPIN, num_warps=max(1, min(16, BLOCK // 256)))
+        x, residual, weight if weight is not None else x, normed, s, peers, buffer, buffer.view(bits), ctrl,
+        x.numel(), float(eps if norm else 0.0), D=D, BLOCK=BLOCK, RANK=rank, TP=tp, ROUND=buffer.numel() // 3,
+        SENT=SENTINEL[bits], NORM=norm, HAS_W=weight is not None, UPCAST=bool(upcast), SPIN=SPIN,
+        num_warps=max(1, min(16, BLOCK // 256)))
     return (normed if norm else None), s
