@@ -47,6 +47,21 @@ def test_llama_rank_graph_every_all_reduce_is_fused():
     assert fuse_allreduce_norm(gm) == []  # nothing left to fuse
 
 
+def test_partition_runs_the_pass_when_asked():
+    from graphs.llama import Llama
+    from tpcompile.autoplan import resolve_rules
+    from tpcompile.passes import partition
+    from tpcompile.plan import make_plan
+    with torch.device("meta"):
+        model = Llama(256, 64, 2, 4, 2, 128)
+    for fuse in (False, True):
+        gm = capture(model, (torch.zeros(2, 16, dtype=torch.long, device="meta"),))
+        rules, notes, applied = resolve_rules(gm, load_rules("megatron"), 2)
+        part = partition(gm, make_plan(gm, rules, 2, notes, applied), "0", fuse_allreduce=fuse)
+        assert len(part.changes.get("fuse_allreduce_norm", [])) == (4 if fuse else 0)
+        assert targets(gm).count(c10d.all_reduce.default) == (0 if fuse else 4)
+
+
 def test_transformers_rmsnorm_chain_is_fused_with_its_rounding():
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule
 
+from tpcompile.passes.fuse_allreduce_norm import fuse_allreduce_norm
 from tpcompile.passes.insert_collectives import insert_collectives
 from tpcompile.passes.mask_vocab_lookup import mask_vocab_lookup
 from tpcompile.passes.propagate import (NeedFewerWays, NeedPlacement, Propagation, ShardingError,
@@ -43,8 +44,9 @@ def settle(gm: GraphModule, plan: ShardPlan) -> tuple[Propagation, list, list]:
     raise ShardingError("placements did not settle")
 
 
-def partition(gm: GraphModule, plan: ShardPlan, group_name: str) -> Partition:
-    """Rewrite `gm` in place into the graph every rank runs."""
+def partition(gm: GraphModule, plan: ShardPlan, group_name: str, fuse_allreduce: bool = False) -> Partition:
+    """Rewrite `gm` in place into the graph every rank runs. fuse_allreduce: all-reduce + add + RMSNorm as one op,
+    for engines that can call it (fuse_allreduce_norm.wanted(backend, device))."""
     rowwise = {f for f, s in plan.styles.items() if s == "rowwise"}
     changes = {"split_rowwise_bias": plan.applied.get("split_rowwise_bias", []) + split_rowwise_bias(gm, rowwise)}
     prop, replicated_kv, state = settle(gm, plan)
@@ -56,6 +58,8 @@ def partition(gm: GraphModule, plan: ShardPlan, group_name: str) -> Partition:
     changes["rewrite_shapes"] = rewrite_shapes(gm, prop.rewrites)
     changes["insert_collectives"] = insert_collectives(gm, prop.redistributes, plan.tp, group_name)
     changes["mask_vocab_lookup"] = mask_vocab_lookup(gm, plan)
+    if fuse_allreduce:
+        changes["fuse_allreduce_norm"] = fuse_allreduce_norm(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return Partition(gm, plan, prop, changes)
