@@ -35,17 +35,22 @@ def test_rerun_reuses_the_artifact(job_config):
 
 @pytest.mark.parametrize("tp, plan", [(1, "megatron"), (2, "auto")])  # auto cuts lm_head by vocabulary
 def test_tied_embeddings_stay_tied(job_config, tp, plan):
-    """lm_head.weight is embed.weight: random weights give both names the same values in every rank file
-    (each name cut by its own placement), as the unsharded model holds them."""
-    record = cmd_verify(job_config("model.graph.tie_embeddings=true", f"tp={tp}", f"plan={plan}"))
+    """lm_head.weight is embed.weight: the graph reads the one tensor under one name (the lookup and the head),
+    so every rank file holds it once, cut by its placement, with the values of the unsharded model's table."""
+    from tpcompile.pipeline import load_model
+    job = job_config("model.graph.tie_embeddings=true", f"tp={tp}", f"plan={plan}")
+    record = cmd_verify(job)
     assert record["ok"] and record["max_rel_err"] <= 1e-5, record
     path = Path(record["artifact"])
-    placement = json.loads((path / "manifest.json").read_text())["params"]["lm_head.weight"]["placement"]
+    params = json.loads((path / "manifest.json").read_text())["params"]
+    assert "embed.weight" not in params  # not a second copy
+    placement = params["lm_head.weight"]["placement"]
+    model = load_model(job, seq_len=16)
+    table = model.source("embed.weight")  # (V, C): the unsharded model's one table
     for r in range(tp):
-        weights = load_file(path / f"rank{r}.safetensors")
-        embed, head = weights["embed.weight"], weights["lm_head.weight"]  # (V, C) replicated, (V / tp or V, C)
+        head = load_file(path / f"rank{r}.safetensors")["lm_head.weight"]  # (V / tp or V, C)
         rows = len(head) * r if placement.startswith("S(0)") else 0
-        assert embed.shape == (256, 64) and torch.equal(head, embed[rows:rows + len(head)]), (r, placement)
+        assert table.shape == (256, 64) and torch.equal(head, table[rows:rows + len(head)]), (r, placement)
 
 
 class GPTish(nn.Module):

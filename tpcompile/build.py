@@ -163,7 +163,8 @@ def _layout(pres: dict[str, Preflight], dtype: torch.dtype, fuse: bool) -> _Layo
     weights = [f for f in plan.shapes if f not in state]
     held = next(iter(pres.values())).partition.gm  # dtypes from the (meta) module: no weight is read twice
     held = dict(held.named_parameters(remove_duplicate=False)) | dict(held.named_buffers(remove_duplicate=False))
-    dtypes = {f: dtype if held[f].is_floating_point() else held[f].dtype for f in weights}
+    dtypes = {f: held[f].dtype for f in weights}  # as captured: parameters in the job's dtype, buffers as the model
+    # keeps them (transformers keeps RoPE's inv_freq in float32 in a bfloat16 model)
     dtypes.update({f: dtype for f in state})
     local_shapes = {f: plan.local_shape(f) for f in plan.shapes}
     fused = {}
