@@ -104,6 +104,21 @@ def test_seeded_sampling_is_the_same_at_every_tp(checkpoints, engines):
         PROMPTS, NEW)  # sampling, not greedy
 
 
+def test_bfloat16_build_keeps_the_tables_transformers_keeps_in_float32(checkpoints, engines):
+    """A bfloat16 build: the weights are bfloat16, RoPE's inv_freq stays float32 as transformers keeps it (the graph
+    asserts that dtype), and the engine generates transformers' first greedy token of the same bfloat16 model."""
+    from safetensors import safe_open
+    art = tpcompile.compile_pretrained(checkpoints["llama3"], tp=2, dtype=torch.bfloat16, out_dir=engines, **GEN)
+    with safe_open(art.path / "rank0.safetensors", "pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == "BF16"
+    assert [d for n, d in dtypes.items() if n.endswith("inv_freq")] == ["F32"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["llama3"], dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        want = int(model(torch.tensor([PROMPTS[0]])).logits[0, -1].argmax())
+    assert art.generate([PROMPTS[0]], 1)[0] == [want]
+
+
 def test_compile_a_held_transformers_model_for_generation(checkpoints, engines):
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["gpt_neox"], dtype=torch.float32)
     art = tpcompile.compile(model, tp=2, plan="auto", generate=True, out_dir=engines, **GEN)
