@@ -49,6 +49,8 @@ class PlanConfig:
 @dataclass
 class BackendConfig:
     name: str = "eager"                # a file in conf/backend: eager, inductor, aoti, onnx, ... (*_cudagraphs)
+    fuse_allreduce: bool = False       # all-reduce + residual add + RMSNorm as one op (passes/fuse_allreduce_norm.py)
+                                       # on CUDA engines that can call it; off by default: its GPU kernel is unmeasured
 
     def __post_init__(self):
         from tpcompile.lower import BACKENDS  # the registry is the list of names
