@@ -161,3 +161,21 @@ def test_refusal_is_one_line_before_any_tensor_is_read(tmp_path, cls):
     with pytest.raises(CheckpointError, match=message) as err:
         tpcompile.compile_pretrained(tmp_path, tp=2, out_dir=tmp_path / "engines")
     assert "\n" not in str(err.value)
+
+
+def test_text_in_text_out_with_the_checkpoints_tokenizer_and_stop_strings(checkpoints, engines):
+    """Artifact.generate_text: the prompt through the checkpoint's tokenizer, transformers' greedy tokens decoded
+    by it, cut before a stop string."""
+    path = checkpoints["qwen3"]
+    art = tpcompile.compile_pretrained(path, tp=2, out_dir=engines, **GEN)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tok.encode("w5 w9 w7 w3")
+    new = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    eos = set(eos if isinstance(eos, list) else [eos])
+    want = tok.decode([t for t in new if t not in eos], skip_special_tokens=True)
+    assert art.generate_text("w5 w9 w7 w3", 8) == want and want
+    second = want.split()[1]
+    assert art.generate_text("w5 w9 w7 w3", 8, stop=[second]) == want[:want.index(second)]

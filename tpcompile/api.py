@@ -55,6 +55,22 @@ class Artifact:
             return session.generate(prompt_token_ids, max_new_tokens, temperature, **options)
 
 
+    def generate_text(self, prompt: str, max_new_tokens: int, *, chat: bool = False, stop=(), **options) -> str:
+        """The text after `prompt` (chat: the prompt as a user message through the tokenizer's chat template),
+        through the artifact's tokenizer (a checkpoint's own; bytes for the random-weight presets), ending at the
+        checkpoint's eos ids or before the first stop string. options: as for generate (temperature, top_k,
+        top_p, seed, eos_token_id)."""
+        from tpcompile.text import TextStream
+        from tpcompile.tokenizer import eos_ids, prompt_ids, tokenizer_for
+        tok = tokenizer_for(self.path)
+        eos = eos_ids(self.path, options.pop("eos_token_id", None))
+        text = TextStream(tok, list(stop), frozenset(eos))
+        for token in self.generate([prompt_ids(tok, prompt, chat)], max_new_tokens, eos_token_id=eos, **options)[0]:
+            text.add(token)
+        text.finish()
+        return text.text
+
+
 class Session:
     """Workers kept alive between calls: `with artifact.session() as s: y = s(x)`."""
 

@@ -89,7 +89,7 @@ def cmd_generate(job) -> dict:
     """compile prefill + decode graphs with a sharded KV cache and stream generated text
     (generation.chat=true: through the tokenizer's chat template; generation.stop: stop strings)"""
     from tpcompile import pipeline
-    from tpcompile.serve.text import TextStream
+    from tpcompile.text import TextStream
     from tpcompile.tokenizer import eos_ids, prompt_ids, tokenizer_for
     g = job.generation
     built = pipeline.build_generation(job)

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tpcompile.serve.protocol import BadRequest, ChatRequest, CompletionRequest, validation_message
 from tpcompile.serve.scheduler import Request, Scheduler, Unavailable
-from tpcompile.serve.text import TextStream, chat_prompt
+from tpcompile.text import TextStream, chat_prompt
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
                500: "server_error", 503: "server_error"}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tpcompile.runtime.launcher import WorkerError
-from tpcompile.serve.text import TextStream
+from tpcompile.text import TextStream
 from tpcompile.util import one_line
 
 

@@ -1,6 +1,6 @@
 """TextStream: the deltas of a stream add up to the whole text, a stop string and what follows are cut, a
 tail that may grow into a stop string is held back, half a UTF-8 character is never sent."""
-from tpcompile.serve.text import TextStream, chat_prompt
+from tpcompile.text import TextStream, chat_prompt
 from tpcompile.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
