@@ -31,7 +31,7 @@ def serve(job) -> dict:
     from tpcompile.serve.app import Served, make_app
     from tpcompile.serve.metrics import Metrics
     from tpcompile.serve.scheduler import Scheduler
-    from tpcompile.tokenizer import tokenizer_for
+    from tpcompile.tokenizer import eos_ids, tokenizer_for
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # bound here, so port 0 gets a port we can print
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((s.host, s.port))
@@ -46,7 +46,7 @@ def serve(job) -> dict:
                               warm_timeout_s=r.call_timeout_s, log=log, decode_steps=s.decode_steps)
         scheduler.start()
         app = make_app(scheduler, Served(tokenizer_for(path), name, vocab=spec["vocab_size"], max_seq=spec["max_seq"],
-                                         max_tokens=s.max_tokens, stop_ids=stop_ids(path, job.generation.eos_token_id)))
+                                         max_tokens=s.max_tokens, stop_ids=tuple(eos_ids(path, job.generation.eos_token_id))))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=s.drain_s,
                                                lifespan="off"))
         host, port = sock.getsockname()[:2]
@@ -62,16 +62,6 @@ def serve(job) -> dict:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return {"artifact": str(path), "url": f"http://{host}:{port}", "restarts": session.group.restarts}
-
-
-def stop_ids(path: Path, eos: int | None) -> tuple:
-    """The token ids that end a row: generation.eos_token_id when set, else every eos id of the checkpoint's
-    generation_config.json (none for the random-weight presets)."""
-    if eos is not None:
-        return (eos,)
-    file = Path(path) / "generation_config.json"
-    found = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
-    return tuple(found) if isinstance(found, list) else (() if found is None else (found,))
 
 
 def _request_log():
