@@ -16,24 +16,24 @@ pytestmark = pytest.mark.slow
 V = 256
 SIZES = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=V - 1, pad_token_id=0)
-# name -> (config class, overrides, tps): what each one exercises is in the comment. tp=4 (kv heads 2 < tp) on
-# the ones where it adds something (padded vocabulary, fused parts, alternating windows); tp=2 runs the same passes
+# name -> (config class, overrides, tps): what each one exercises is in the comment; every one at tp 1, 2 and 4
+# (4 heads, 2 kv heads: at tp=4 the kv heads are replicated)
 ARCHS = {
     "llama3": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True, rope_parameters=dict(  # llama3 rope, biases
         rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=16)), (1, 2, 4)),
     "mistral": ("MistralConfig", dict(sliding_window=8, rope_parameters=dict(  # window < prompt + new, linear rope
-        rope_type="linear", factor=2.0, rope_theta=10000.0)), (1, 2)),
+        rope_type="linear", factor=2.0, rope_theta=10000.0)), (1, 2, 4)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, vocab_size=250), (1, 2, 4)),  # tied, 250 % 4 != 0
     "qwen3": ("Qwen3Config", dict(head_dim=32, rope_parameters=dict(  # q/k norms, yarn rope
-        rope_type="yarn", factor=4.0, original_max_position_embeddings=32, rope_theta=10000.0)), (1, 2)),
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=32, rope_theta=10000.0)), (1, 2, 4)),
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, attn_logit_softcapping=50.0,  # alternating
                                     final_logit_softcapping=30.0, query_pre_attn_scalar=16), (1, 2, 4)),  # windows
     "phi3": ("Phi3Config", dict(eos_token_id=3), (1, 2, 4)),                   # fused qkv and gate_up
-    "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.25), (1, 2)),             # partial rotary, parallel residual
+    "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.25), (1, 2, 4)),             # partial rotary, parallel residual
     "gpt2": ("GPT2Config", dict(n_embd=64, n_head=4, n_layer=2, n_positions=128, vocab_size=250,  # Conv1D,
-                                bos_token_id=1, eos_token_id=249), (1, 2)),  # learned positions, tied, 250
-    "olmo2": ("Olmo2Config", dict(), (1, 2)),                                  # q/k norms over all heads
+                                bos_token_id=1, eos_token_id=249), (1, 2, 4)),  # learned positions, tied, 250
+    "olmo2": ("Olmo2Config", dict(), (1, 2, 4)),                                  # q/k norms over all heads
 }
 PROMPTS = [[5, 9, 11, 3, 7, 8, 1, 4, 4, 2, 9, 17, 33], [4, 2, 6]]  # 13 and 3 tokens
 NEW = 12
