@@ -15,9 +15,8 @@ import json
 import os
 import sys
 from datetime import timedelta
-from pathlib import Path
 
-from common import NO_MULTICAST, device_tag, provenance, result_path
+from common import NO_MULTICAST, write_collective_record
 
 os.environ.update(NO_MULTICAST)  # before torch.distributed starts NCCL
 
@@ -91,14 +90,7 @@ def main():
         if local_rank == 0:
             print(json.dumps(row), flush=True)
     if dist.get_rank() == 0:
-        record = {**provenance(), "what": "all_reduce latency, bf16, one host", "world_size": world,
-                  "nccl_version": ".".join(map(str, torch.cuda.nccl.version())), "rows": rows,
-                  "env": {k: os.environ.get(k) for k in NO_MULTICAST}}
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = result_path("allreduce", "none", device_tag(world), results=out)
-        path.write_text(json.dumps(record, indent=1))
-        print(f"wrote {path}", flush=True)
+        write_collective_record("all_reduce latency, bf16, one host", "allreduce", world, rows, args.out)
     sys.stdout.flush()
     os._exit(0)  # no teardown: a symmetric-memory group's destroy has hung here (2-GPU H200 run)
 

@@ -22,10 +22,9 @@ import json
 import os
 import sys
 from datetime import timedelta
-from pathlib import Path
 
 from allreduce import SIZES, in_graph, per_call
-from common import NO_MULTICAST, device_tag, provenance, result_path
+from common import NO_MULTICAST, write_collective_record
 
 os.environ.update(NO_MULTICAST)  # before torch.distributed starts NCCL or symmetric memory
 
@@ -153,15 +152,9 @@ def main():
     if dist.get_rank() == 0:
         print(table(rows), flush=True)
         print(f"after the timed replays: {json.dumps(after)}; rows that gave up waiting: {late}", flush=True)
-        record = {**provenance(), "what": "all-reduce + residual add + RMSNorm, bf16, rows of 4096, one host",
-                  "world_size": world, "nccl_version": ".".join(map(str, torch.cuda.nccl.version())), "rows": rows,
-                  "check_after_replays": after, "late_rows": late, "env": {k: os.environ.get(k) for k in NO_MULTICAST},
-                  "command": f"torchrun --nproc-per-node {world} benchmarks/allreduce_norm.py"}
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = result_path("allreduce-norm", "none", device_tag(world), results=out)
-        path.write_text(json.dumps(record, indent=1))
-        print(f"wrote {path}", flush=True)
+        write_collective_record("all-reduce + residual add + RMSNorm, bf16, rows of 4096, one host", "allreduce-norm",
+                                world, rows, args.out, check_after_replays=after, late_rows=late,
+                                command=f"torchrun --nproc-per-node {world} benchmarks/allreduce_norm.py")
     sys.stdout.flush()
     os._exit(0)  # no teardown: a symmetric-memory group's destroy has hung (benchmarks/allreduce.py)
 

@@ -110,3 +110,17 @@ def child(code: str, *argv: str, timeout: int = 300, env: dict | None = None) ->
     return {"rc": rc, "reached": steps[-1] if steps else None,
             "tail": "\n".join(line for line in text.splitlines() if "Warning" not in line)[-1500:]}
 
+
+def write_collective_record(what: str, name: str, world: int, rows: list, out, **extra) -> Path:
+    """The record of a collective benchmark on the GPUs of one host (rank 0 writes it):
+    results/<name>_none_<n>x<gpu>_<date>.json with provenance, NCCL's version and the multicast settings."""
+    record = {**provenance(), "what": what, "world_size": world,
+              "nccl_version": ".".join(map(str, torch.cuda.nccl.version())), "rows": rows,
+              "env": {k: os.environ.get(k) for k in NO_MULTICAST}, **extra}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = result_path(name, "none", device_tag(world), results=out)
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}", flush=True)
+    return path
+
