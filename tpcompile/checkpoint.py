@@ -16,7 +16,6 @@ unpickled.
 import json
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.fx import GraphModule, Node
 
-from tpcompile.placement import R, Placement, Replicate, Shard, local_shape
+from tpcompile.placement import R, Placement, Shard, local_shape
 
 aten = torch.ops.aten
 STYLES = ("colwise", "rowwise", "replicate", "vocab", "auto")

@@ -3,7 +3,6 @@ with the unsharded one at each block boundary and the first divergent layer foun
 
 A "block" is a child of the model's first nn.ModuleList (layers, blocks, h, ...): found, not named.
 """
-import torch
 from torch import nn
 
 
