@@ -168,10 +168,11 @@ def usage() -> str:
     for group in ("model", "plan", "backend"):
         names = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         lines.append(f"  {group}={'|'.join(names)}")
-    lines += ["", "keys: tp=2 dtype=float32|bfloat16 runtime.device=cpu|cuda model.path=DIR (model=hf)",
+    lines += ["", "keys: tp=2 dtype=float32|bfloat16 runtime.device=cpu|cuda model.path=DIR (model=hf) artifact=DIR (as it is)",
               "      generation.{prompt,chat,stop,max_new_tokens,temperature,top_k,top_p,seed,max_seq,max_batch,"
               "prefill_chunk}",
-              "      verify.{tolerance,per_layer} inspect.{render,render_layer} bench.* runtime.*   (--cfg job lists all)",
+              "      verify.{tolerance,per_layer} inspect.{render,render_layer} server.{host,port,...} bench.* runtime.*",
+              "      (tpcompile <command> --cfg job lists them all)",
               "sweep: tpcompile verify -m tp=1,2,4 backend=eager,inductor"]
     return "\n".join(lines)
 
