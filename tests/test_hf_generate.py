@@ -33,7 +33,12 @@ ARCHS = {
     "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.25), (1, 2, 4)),             # partial rotary, parallel residual
     "gpt2": ("GPT2Config", dict(n_embd=64, n_head=4, n_layer=2, n_positions=128, vocab_size=250,  # Conv1D,
                                 bos_token_id=1, eos_token_id=249), (1, 2, 4)),  # learned positions, tied, 250
-    "olmo2": ("Olmo2Config", dict(), (1, 2, 4)),                                  # q/k norms over all heads
+    "olmo2": ("Olmo2Config", dict(), (1, 2, 4)),
+    # beyond the nine the issue names, at tp=2
+    "granite": ("GraniteConfig", dict(embedding_multiplier=2.0, residual_multiplier=0.5,  # multipliers
+                                      attention_multiplier=0.1, logits_scaling=4.0), (2,)),
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=8, use_bias=True), (2,)),  # LayerNorm, biases, window
+    "cohere": ("CohereConfig", dict(logit_scale=0.5), (2,)),                  # parallel block, logit scale                                  # q/k norms over all heads
 }
 PROMPTS = [[5, 9, 11, 3, 7, 8, 1, 4, 4, 2, 9, 17, 33], [4, 2, 6]]  # 13 and 3 tokens
 NEW = 12
