@@ -17,6 +17,9 @@ def summarize(raw: dict, *, batch: int, prompt_len: int, new_tokens: int) -> dic
     p50 = percentile(steps, 0.5)
     # every weight and the whole static cache are read; of an embedding table, one row per token
     bytes_per_step = raw.get("read_bytes", raw["weight_bytes"] + raw["cache_bytes"])
+    # what a step must read: the same with only the cache slots filled (on average over the decode steps)
+    max_seq = raw.get("max_seq")
+    filled = raw["cache_bytes"] * min(1.0, (prompt_len + new_tokens / 2) / (max_seq + 1)) if max_seq else None
     record = {
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "device_name": raw["device_name"],
         "prefill_ms": raw["prefill_seconds"] * 1e3,
@@ -29,6 +32,7 @@ def summarize(raw: dict, *, batch: int, prompt_len: int, new_tokens: int) -> dic
         "weight_bytes_per_rank": raw["weight_bytes"],
         "cache_bytes_per_rank": raw["cache_bytes"], "peak_memory_bytes": raw["peak_memory_bytes"],
         "bytes_per_step": bytes_per_step,
+        "bytes_per_step_filled": None if filled is None else bytes_per_step - raw["cache_bytes"] + filled,
         # a whole generation run, tokens read back at the end: the host queues steps ahead of the device
         "decode_ms_run": raw["run_step_seconds"] * 1e3, "decode_tokens_per_s_run": batch / raw["run_step_seconds"],
     }
@@ -36,6 +40,9 @@ def summarize(raw: dict, *, batch: int, prompt_len: int, new_tokens: int) -> dic
         record["copy_bandwidth_GBps"] = raw["copy_bandwidth"] / 1e9
         record["hbm_fraction"] = bytes_per_step / p50 / raw["copy_bandwidth"]
         record["hbm_fraction_run"] = bytes_per_step / raw["run_step_seconds"] / raw["copy_bandwidth"]
+        if filled is not None:  # the time a step cannot go below, and how far above it a whole run is
+            record["floor_ms_filled"] = record["bytes_per_step_filled"] / raw["copy_bandwidth"] * 1e3
+            record["run_over_floor_filled"] = record["decode_ms_run"] / record["floor_ms_filled"]
     return record
 
 
@@ -57,7 +64,9 @@ def table(record: dict) -> str:
          else f"{record['kernels_per_step']:.0f}"),
         ("weights + cache per rank", f"{record['weight_bytes_per_rank'] / 2**20:.1f} + "
                                      f"{record['cache_bytes_per_rank'] / 2**20:.1f} MiB"),
-        ("bytes read per step per rank", f"{record['bytes_per_step'] / 2**20:.1f} MiB"),
+        ("bytes read per step per rank", f"{record['bytes_per_step'] / 2**20:.1f} MiB"
+         + ("" if record.get("bytes_per_step_filled") is None
+            else f" ({record['bytes_per_step_filled'] / 2**20:.1f} MiB with only the filled cache slots)")),
         ("peak memory per rank", f"{record['peak_memory_bytes'] / 2**20:.1f} MiB"),
     ]
     if record.get("load_seconds_per_rank"):
@@ -67,5 +76,8 @@ def table(record: dict) -> str:
     if "hbm_fraction" in record:
         rows.append(("HBM bandwidth reached (p50 / whole run)", f"{record['hbm_fraction']:.1%} / "
                      f"{record['hbm_fraction_run']:.1%} of {record['copy_bandwidth_GBps']:.0f} GB/s"))
+    if "floor_ms_filled" in record:
+        rows.append(("whole run over (weights + filled cache) / bandwidth",
+                     f"{record['run_over_floor_filled']:.2f}x of {record['floor_ms_filled']:.3f} ms"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -17,9 +17,8 @@ from tpcompile.autoplan import resolve_rules
 from tpcompile.capture import rank_program
 from tpcompile.lower import backend as get_backend, build_info
 from tpcompile.lower.inductor import user_options as inductor_options
-from tpcompile.passes import Partition, partition
+from tpcompile.passes import DEFAULT_PASSES, Partition, optional_passes, partition
 from tpcompile.passes.fold_repeat_kv import fold_repeat_kv
-from tpcompile.passes.fuse_allreduce_norm import wanted
 from tpcompile.passes.fuse_linears import fuse_linears
 from tpcompile.placement import shard_tensor
 from tpcompile.plan import Rule, make_plan, plan_table, rules_yaml
@@ -77,12 +76,15 @@ class Preflight:
         return lines
 
 
-def preflight(gm: GraphModule, rules: list[Rule], tp: int, itemsize: int, fuse_allreduce: bool = False) -> Preflight:
+def preflight(gm: GraphModule, rules: list[Rule], tp: int, itemsize: int,
+              passes: frozenset = DEFAULT_PASSES) -> Preflight:
+    """passes: the OPTIONAL passes to run (passes.optional_passes)."""
     start = time.perf_counter()
-    folded = fold_repeat_kv(gm)  # before the plan: auto plans and placements see attention as it will run
+    # before the plan: auto plans and placements see attention as it will run
+    folded = fold_repeat_kv(gm) if "fold_repeat_kv" in passes else []
     rules, notes, applied = resolve_rules(gm, rules, tp)
     plan = make_plan(gm, rules, tp, notes, applied)
-    part = partition(gm, plan, GROUP_NAME, fuse_allreduce=fuse_allreduce)
+    part = partition(gm, plan, GROUP_NAME, passes)
     part.changes = {"fold_repeat_kv": folded, **part.changes}
     return Preflight(part, plan_table(plan, itemsize), time.perf_counter() - start, itemsize)
 
@@ -108,22 +110,23 @@ def looked_up_by_row(gms) -> list[str]:
 
 def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: str, source: Source,
           dtype: torch.dtype, device: str, out_root: Path, key_parts: dict, trace_device: str = "meta",
-          generation: dict | None = None, extra_files: dict | None = None, fuse: bool = True,
-          fuse_allreduce: bool = False, log=print) -> Path:
+          generation: dict | None = None, extra_files: dict | None = None, passes: frozenset | None = None,
+          log=print) -> Path:
     """Compile every graph with the same plan into one artifact: weights are written once, state buffers
-    (KV caches) are recorded and made at load, so prefill and decode share both."""
+    (KV caches) are recorded and made at load, so prefill and decode share both. passes: the OPTIONAL passes to
+    run (default: optional_passes(backend, device))."""
+    passes = optional_passes(backend, device) if passes is None else passes
     key = cache_key({**key_parts, "graphs": {n: [g.gm.code, g.input_specs] for n, g in graphs.items()},
                      "rules": [[r.match, r.style] + ([list(r.parts)] if r.parts else []) for r in rules], "tp": tp,
                      "backend": backend, "dtype": str(dtype), "device": device, "generation": generation,
-                     "fuse": fuse, "fuse_allreduce": fuse_allreduce, "inductor_options": inductor_options()})
+                     "passes": sorted(passes), "inductor_options": inductor_options()})
     final = Path(out_root) / key
     if (final / MANIFEST).is_file():
         log(f"artifact {final} exists: reusing it")
         return final
-    fuse_allreduce = fuse_allreduce and wanted(backend, device)  # only engines that can call the fused op
-    pres = {name: preflight(g.gm, rules, tp, torch.finfo(dtype).bits // 8, fuse_allreduce)
+    pres = {name: preflight(g.gm, rules, tp, torch.finfo(dtype).bits // 8, passes)
             for name, g in progress(graphs.items(), "passes", len(graphs))}
-    layout = _layout(pres, dtype, fuse)
+    layout = _layout(pres, dtype, "fuse_linears" in passes)
     staging = staging_dir(Path(out_root), key)
     try:
         programs = {name: rank_program(pres[name].partition.gm, layout.local_shapes, layout.dtypes, g.example_args,

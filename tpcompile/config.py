@@ -51,11 +51,23 @@ class BackendConfig:
     name: str = "eager"                # a file in conf/backend: eager, inductor, aoti, onnx, ... (*_cudagraphs)
     fuse_allreduce: bool = False       # all-reduce + residual add + RMSNorm as one op (passes/fuse_allreduce_norm.py)
                                        # on CUDA engines that can call it; off by default: its GPU kernel is unmeasured
+    skip_passes: list[str] = field(default_factory=list)  # optional passes to leave out, e.g. [decode_attention]
+                                       # (tpcompile.passes.OPTIONAL): to measure each one's effect
 
     def __post_init__(self):
         from tpcompile.lower import BACKENDS  # the registry is the list of names
+        from tpcompile.passes import OPTIONAL
         if self.name not in BACKENDS:
             raise ConfigError(f"backend.name={self.name!r} is not known; use one of {sorted(BACKENDS)}")
+        unknown = [p for p in self.skip_passes if p not in OPTIONAL]
+        if unknown:
+            raise ConfigError(f"backend.skip_passes={list(self.skip_passes)}: {unknown[0]!r} is not an optional pass; "
+                              f"use any of {list(OPTIONAL)}")
+
+    def passes(self, device: str) -> frozenset:
+        """The optional passes a build of this backend on `device` runs."""
+        from tpcompile.passes import optional_passes
+        return optional_passes(self.name, device, self.skip_passes, self.fuse_allreduce)
 
 
 @dataclass

@@ -154,9 +154,8 @@ def inspect(job) -> tuple[Preflight, float]:
     model = load_model(job, seq_len=max(s.shape[-1] for s in job.model.inputs))
     graph = forward_graph(job, model)
     capture_s = time.perf_counter() - t0
-    from tpcompile.passes.fuse_allreduce_norm import wanted
-    fuse = job.backend.fuse_allreduce and wanted(job.backend.name, job.runtime.device)
-    return preflight(graph.gm, rules_of(job), job.tp, torch.finfo(model.dtype).bits // 8, fuse), capture_s
+    return (preflight(graph.gm, rules_of(job), job.tp, torch.finfo(model.dtype).bits // 8,
+                      job.backend.passes(job.runtime.device)), capture_s)
 
 
 def build_module(model: nn.Module, example_args: tuple, *, tp: int, rules: list[Rule], backend: str,
@@ -187,7 +186,7 @@ def _build(job, model: Model, graphs: dict[str, GraphSpec], generation: dict | N
     return build(graphs, rules=rules_of(job), tp=job.tp, backend=job.backend.name, source=model.source,
                  dtype=model.dtype, device=job.runtime.device, out_root=Path(job.out_dir), generation=generation,
                  key_parts=model.key_parts, extra_files=model.extra_files or None,
-                 fuse_allreduce=job.backend.fuse_allreduce, log=log)
+                 passes=job.backend.passes(job.runtime.device), log=log)
 
 
 def _output_size(gm) -> int:

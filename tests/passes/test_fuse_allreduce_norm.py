@@ -57,7 +57,8 @@ def test_partition_runs_the_pass_when_asked():
     for fuse in (False, True):
         gm = capture(model, (torch.zeros(2, 16, dtype=torch.long, device="meta"),))
         rules, notes, applied = resolve_rules(gm, load_rules("megatron"), 2)
-        part = partition(gm, make_plan(gm, rules, 2, notes, applied), "0", fuse_allreduce=fuse)
+        part = partition(gm, make_plan(gm, rules, 2, notes, applied), "0",
+                         frozenset({"fuse_allreduce_norm"}) if fuse else frozenset())
         assert len(part.changes.get("fuse_allreduce_norm", [])) == (4 if fuse else 0)
         assert targets(gm).count(c10d.all_reduce.default) == (0 if fuse else 4)
 

@@ -3,6 +3,9 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule
 
+from tpcompile.passes import decode_attention as _decode_attention
+from tpcompile.passes import fuse_allreduce_norm as _fuse_allreduce_norm
+from tpcompile.passes.decode_attention import decode_attention
 from tpcompile.passes.fuse_allreduce_norm import fuse_allreduce_norm
 from tpcompile.passes.insert_collectives import insert_collectives
 from tpcompile.passes.mask_vocab_lookup import mask_vocab_lookup
@@ -12,7 +15,26 @@ from tpcompile.passes.rewrite_shapes import rewrite_shapes
 from tpcompile.passes.split_rowwise_bias import split_rowwise_bias
 from tpcompile.plan import ShardPlan, with_fewer_ways
 
-__all__ = ["partition", "Partition", "ShardingError"]
+__all__ = ["partition", "Partition", "ShardingError", "OPTIONAL", "DEFAULT_PASSES", "optional_passes"]
+
+# passes a build may leave out (backend.skip_passes), to measure each one's effect or to step around one
+OPTIONAL = {
+    "fold_repeat_kv": "attention reads each kv head for its group of query heads, no per-layer copy (captured graph)",
+    "fuse_linears": "linears that read the same input become one matmul per rank (after the partition)",
+    "decode_attention": "one-query attention reads only the cache blocks its mask sees (GPU engines)",
+    "fuse_allreduce_norm": "all-reduce + residual add + RMSNorm as one op (GPU, opt-in: backend.fuse_allreduce)",
+}
+DEFAULT_PASSES = frozenset({"fold_repeat_kv", "fuse_linears"})  # on any backend and device
+
+
+def optional_passes(backend: str, device: str, skip=(), fuse_allreduce: bool = False) -> frozenset[str]:
+    """The optional passes a build for `backend` on `device` runs: those that help there, less `skip`."""
+    on = set(DEFAULT_PASSES)
+    if _decode_attention.wanted(backend, device):
+        on.add("decode_attention")
+    if fuse_allreduce and _fuse_allreduce_norm.wanted(backend, device):
+        on.add("fuse_allreduce_norm")
+    return frozenset(on - set(skip))
 
 
 @dataclass
@@ -44,9 +66,9 @@ def settle(gm: GraphModule, plan: ShardPlan) -> tuple[Propagation, list, list]:
     raise ShardingError("placements did not settle")
 
 
-def partition(gm: GraphModule, plan: ShardPlan, group_name: str, fuse_allreduce: bool = False) -> Partition:
-    """Rewrite `gm` in place into the graph every rank runs. fuse_allreduce: all-reduce + add + RMSNorm as one op,
-    for engines that can call it (fuse_allreduce_norm.wanted(backend, device))."""
+def partition(gm: GraphModule, plan: ShardPlan, group_name: str, passes: frozenset = frozenset()) -> Partition:
+    """Rewrite `gm` in place into the graph every rank runs. passes: the OPTIONAL ones to run here
+    (fuse_allreduce_norm, decode_attention; `optional_passes` picks them for a backend and device)."""
     rowwise = {f for f, s in plan.styles.items() if s == "rowwise"}
     changes = {"split_rowwise_bias": plan.applied.get("split_rowwise_bias", []) + split_rowwise_bias(gm, rowwise)}
     prop, replicated_kv, state = settle(gm, plan)
@@ -58,8 +80,10 @@ def partition(gm: GraphModule, plan: ShardPlan, group_name: str, fuse_allreduce:
     changes["rewrite_shapes"] = rewrite_shapes(gm, prop.rewrites)
     changes["insert_collectives"] = insert_collectives(gm, prop.redistributes, plan.tp, group_name)
     changes["mask_vocab_lookup"] = mask_vocab_lookup(gm, plan)
-    if fuse_allreduce:
+    if "fuse_allreduce_norm" in passes:
         changes["fuse_allreduce_norm"] = fuse_allreduce_norm(gm)
+    if "decode_attention" in passes:
+        changes["decode_attention"] = decode_attention(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return Partition(gm, plan, prop, changes)

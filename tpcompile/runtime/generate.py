@@ -239,6 +239,7 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
     return {"load_seconds": load, "prefill_seconds": prefill, "step_seconds": steps, "run_step_seconds": run,
             "collective_share": share, "collectives_per_step": dict(collectives), "kernels_per_step": kernels,
             "weight_bytes": weights, "cache_bytes": cache, "read_bytes": int(read), "peak_memory_bytes": peak,
+            "max_seq": gen.spec["max_seq"],
             "copy_bandwidth": _copy_bandwidth(engine.device) if engine.device.type == "cuda" else None,
             "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"}
 

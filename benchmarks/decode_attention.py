@@ -1,0 +1,98 @@
+"""One-query attention over a static KV cache on one GPU: what the decode graph ran before the pass
+decode_attention (scaled_dot_product_attention with the boolean mask, enable_gqa) against the op it puts there
+(tpcompile/kernels/flash_decode.py), at a model's per-layer shapes, for several filled lengths and cache sizes.
+
+    python benchmarks/decode_attention.py            # -> results/decode-attention_llama-8b_<gpu>_<date>.json
+
+Each figure is the time of one layer's call, from a CUDA graph of `layers` calls replayed (launch cost hidden as in
+the engines), and the bandwidth it reached over the k/v bytes of the filled slots (what it must read). Both results
+are checked against the reference in float64 first.
+"""
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from common import ceilings, device_tag, provenance, result_path  # benchmarks/common.py
+from tpcompile.kernels.decode_attention import reference
+from tpcompile.kernels.flash_decode import launch
+
+SHAPES = {"llama_8b": dict(heads=32, kv_heads=8, head_dim=128, layers=32),
+          "llama_1b": dict(heads=32, kv_heads=4, head_dim=64, layers=22)}
+
+
+def inputs(shape: dict, batch: int, slots: int, filled: int):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, shape["heads"], 1, shape["head_dim"], device="cuda", generator=gen, dtype=torch.bfloat16)
+    cache = [torch.randn(batch, slots, shape["kv_heads"], shape["head_dim"], device="cuda", generator=gen,
+                         dtype=torch.bfloat16) for _ in range(2)]
+    mask = (torch.arange(slots, device="cuda") < filled)[None, None, None, :].expand(batch, 1, 1, slots)
+    return q, cache[0].transpose(1, 2), cache[1].transpose(1, 2), mask
+
+
+def per_call(fn, layers: int, repeat: int = 20) -> float:
+    """Seconds per call, from a CUDA graph of `layers` calls."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(layers):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeat / layers
+
+
+def row(model: str, batch: int, slots: int, filled: int, bandwidth: float) -> dict:
+    shape = SHAPES[model]
+    q, k, v, mask = inputs(shape, batch, slots, filled)
+    scale = 1 / math.sqrt(shape["head_dim"])
+    want = reference(q.double(), k.double(), v.double(), mask, scale)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
+    op = lambda: launch(q, k, v, mask, scale)  # noqa: E731
+    errors = {name: (fn().double() - want).abs().max().item() for name, fn in (("sdpa", sdpa), ("op", op))}
+    kv_bytes = 2 * batch * shape["kv_heads"] * filled * shape["head_dim"] * 2
+    rec = {"model": model, "batch": batch, "cache_slots": slots, "filled": filled, "kv_bytes_filled": kv_bytes,
+           "max_abs_err": errors}
+    for name, fn in (("sdpa", sdpa), ("op", op)):
+        sec = per_call(fn, shape["layers"])
+        rec[f"{name}_us"] = sec * 1e6
+        rec[f"{name}_fraction_of_copy_bw"] = kv_bytes / sec / bandwidth
+    rec["speedup"] = rec["sdpa_us"] / rec["op_us"]
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["llama_8b"])
+    ap.add_argument("--cases", nargs="+", default=["1:257:160", "1:8193:1000", "1:8193:4000", "1:16385:1000",
+                                                     "1:16385:4000", "1:16385:16000", "8:8193:4000", "32:2049:1000"],
+                    help="batch:cache slots:filled slots")
+    args = ap.parse_args()
+    base = {**provenance(), **ceilings()}
+    bandwidth = base["copy_bandwidth_GBps"] * 1e9
+    rows = []
+    path = result_path("decode-attention", "+".join(args.models), device_tag())
+    for model in args.models:
+        for case in args.cases:
+            batch, slots, filled = map(int, case.split(":"))
+            try:
+                rows.append(row(model, batch, slots, filled, bandwidth))
+            except Exception as e:  # keep measuring the rest
+                rows.append({"model": model, "case": case, "error": repr(e)[:500]})
+            print(json.dumps(rows[-1]), flush=True)
+            path.write_text(json.dumps({**base, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""decode_attention: which attention nodes it replaces (decode graphs of llama_tiny's graph and of transformers'
+Mistral with a sliding window) and which it leaves (prefill, masks that differ per head); the rewritten decode
+graph against the captured one on a filled cache; the Triton kernels against the reference (SDPA in float64) in
+Triton's interpreter on the CPU and on a GPU, where the op also runs compiled by Inductor and greedy generation of
+an artifact built with the pass equals a full recompute (skipped without triton / CUDA)."""
+import copy
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from tpcompile.capture import capture
+from tpcompile.kernels.decode_attention import reference
+from tpcompile.passes import optional_passes
+from tpcompile.passes.decode_attention import decode_attention
+from tpcompile.runtime.generate import generation_inputs
+
+ops = torch.ops.tpcompile
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+B, MAX_SEQ, VOCAB = 2, 40, 256
+
+
+def llama(dtype=torch.float32):
+    from graphs.llama import Llama
+    torch.manual_seed(0)
+    model = Llama(VOCAB, 64, 2, 4, 2, 128).to(dtype)
+    model.setup_cache(B, MAX_SEQ, dtype)
+    return model.eval()
+
+
+def positions(filled: list[int]) -> torch.Tensor:
+    return torch.tensor(filled)[:, None]
+
+
+def prefill(model, lengths: list[int]) -> None:
+    """Rows filled to `lengths` tokens through the model's own cached forward (pads at the scratch slot)."""
+    T = max(lengths)
+    ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    pos = torch.stack([torch.cat([torch.full((T - n,), MAX_SEQ), torch.arange(n)]) for n in lengths])
+    with torch.no_grad():
+        model(ids, pos)
+
+
+def test_the_decode_graph_attends_through_the_op_and_computes_what_it_did():
+    """One op per layer in the decode graph, none in the prefill graph; on a filled cache (rows of different
+    lengths) the rewritten graph gives the captured graph's logits bit for bit (on the CPU the op is SDPA)."""
+    model = llama()
+    prefill(model, [9, 30])
+    decode = capture(model, (torch.zeros(B, 1, dtype=torch.long), positions([9, 30])))
+    chunk = capture(model, (torch.zeros(B, 8, dtype=torch.long), torch.zeros(B, 8, dtype=torch.long)))
+    assert decode_attention(chunk) == []
+    before = copy.deepcopy(decode)
+    changed = decode_attention(decode)
+    assert len(changed) == 2
+    targets = [n.target for n in decode.graph.nodes]
+    assert targets.count(ops.decode_attention.default) == 2
+    assert torch.ops.aten.scaled_dot_product_attention.default not in targets
+    ids = torch.tensor([[3], [77]])
+    with torch.no_grad():
+        want, got = before(ids, positions([9, 30])), decode(ids, positions([9, 30]))
+    assert torch.equal(got, want)
+
+
+def test_transformers_sliding_window_decode_graph_is_rewritten_with_its_window_mask():
+    """transformers' Mistral (window 8) captured through the wrapper, GQA folded first: every layer's attention
+    becomes the op, whose mask argument is the window mask the model built."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tpcompile.hf_model import CausalLM
+    from tpcompile.passes.fold_repeat_kv import fold_repeat_kv
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    with torch.device("meta"):
+        model = CausalLM(MistralForCausalLM(config))
+        model.setup_cache(B, MAX_SEQ, torch.float32)
+    gm = capture(model, generation_inputs(B, 1, MAX_SEQ, VOCAB)[1])
+    assert len(fold_repeat_kv(gm)) == 2
+    assert len(decode_attention(gm)) == 2
+    nodes = [n for n in gm.graph.nodes if n.target == ops.decode_attention.default]
+    assert all(n.args[3].meta["val"].shape == (B, 1, 1, MAX_SEQ + 1) for n in nodes)
+    assert all(n.args[4] == pytest.approx(1 / math.sqrt(16)) for n in nodes)
+
+
+def test_attention_the_op_does_not_cover_is_left_alone():
+    """Masks that differ per head, additive masks, causal attention and prefill stay SDPA."""
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 24, 16)
+    for mask in (torch.ones(2, 4, 1, 24, dtype=torch.bool), torch.zeros(2, 1, 1, 24)):
+        assert decode_attention(capture(Attend(), (q, k, k, mask))) == []
+    assert len(decode_attention(capture(Attend(), (q, k, k, torch.ones(1, 1, 1, 24, dtype=torch.bool))))) == 1
+    assert decode_attention(capture(Attend(), (torch.randn(2, 4, 3, 16), k, k,
+                                               torch.ones(2, 1, 3, 24, dtype=torch.bool)))) == []
+
+
+def test_the_pass_runs_on_gpu_engines_only_and_can_be_skipped():
+    assert "decode_attention" in optional_passes("inductor_cudagraphs", "cuda")
+    assert "decode_attention" in optional_passes("aoti", "cuda:0")
+    assert "decode_attention" not in optional_passes("inductor", "cpu")
+    assert "decode_attention" not in optional_passes("onnx", "cuda")
+    assert "decode_attention" not in optional_passes("aoti", "cuda", skip=["decode_attention"])
+
+
+CASES = [  # B, Hq, Hkv, S, D, filled per row, splits, window
+    (2, 8, 2, 200, 32, [5, 150], 3, None),
+    (1, 4, 4, 129, 16, [128], 2, None),       # every slot seen; no GQA
+    (3, 6, 2, 300, 24, [0, 299, 64], 4, 50),  # groups of 3, D not a power of two, sliding window, one key seen
+    (2, 2, 1, 65, 8, [64, 20], 1, None),      # one split, D under a tensor core's 16
+    (1, 8, 1, 517, 64, [516], 7, 100),        # more blocks than splits, uneven
+]
+
+
+def run_case(case, dtype, device, op):
+    b, hq, hkv, s, d, filled, splits, window = case
+    gen = torch.Generator().manual_seed(hq * s + d)
+    q = torch.randn(b, hq, 1, d, generator=gen).to(dtype).to(device)
+    k = torch.randn(b, s, hkv, d, generator=gen).to(dtype).to(device).transpose(1, 2)  # the cache's layout
+    v = torch.randn(b, s, hkv, d, generator=gen).to(dtype).to(device).transpose(1, 2)
+    slots, pos = torch.arange(s), torch.tensor(filled)[:, None]
+    seen = (slots <= pos) & ((slots > pos - window) if window else True)
+    mask = seen[:, None, None, :].to(device)
+    got = op(q, k, v, mask, 1 / math.sqrt(d), splits)
+    want = reference(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(d))
+    return got, want
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton's interpreter needs triton")
+def test_kernels_in_the_triton_interpreter_equal_the_reference(tmp_path):
+    """float32 and float16 (the interpreter has no bfloat16), every case, in a process with TRITON_INTERPRET=1."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    code = ("import torch, sys; from tests.passes.test_decode_attention import CASES, run_case; "
+            "from tpcompile.kernels.flash_decode import launch\n"
+            "for dtype in (torch.float32, torch.float16):\n"
+            "    for case in CASES:\n"
+            "        got, want = run_case(case, dtype, 'cpu', launch)\n"
+            "        tol = 2e-6 if dtype == torch.float32 else 2e-3\n"
+            "        err = (got.double() - want).abs().max().item()\n"
+            "        assert err <= tol, (case, dtype, err)\n"
+            "        print(case, dtype, err)\n")
+    env = {"TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**__import__("os").environ, **env},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("torch.float") == 2 * len(CASES)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_on_the_gpu_equal_the_reference_eager_and_compiled(dtype):
+    from tpcompile.kernels.flash_decode import launch
+    tol = 2e-6 if dtype == torch.float32 else 2 ** -7
+    compiled = torch.compile(lambda q, k, v, m, s: ops.decode_attention(q, k, v, m, s), fullgraph=True)
+    for case in CASES:
+        for op in (launch, lambda q, k, v, m, s, splits: compiled(q, k, v, m, s)):
+            got, want = run_case(case, dtype, "cuda", op)
+            assert got.dtype == dtype and got.shape == want.shape
+            assert (got.double() - want).abs().max().item() <= tol, case
+
+
+@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")
+@pytest.mark.parametrize("backend", ["inductor", "aoti"])
+def test_gpu_artifact_with_the_op_decodes_what_a_full_recompute_does(backend, job_config):
+    from tests.test_generate import PROMPTS, recompute
+    from tpcompile.api import Artifact
+    from tpcompile.pipeline import build_generation, load_model
+    from tpcompile.weights import materialize
+    job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1")
+    artifact = Artifact(build_generation(job).path)
+    assert len(artifact.manifest.changes["decode"]["decode_attention"]) == 2
+    model = load_model(job, seq_len=job.generation.max_seq)
+    ref = materialize(model.module, model.source, model.dtype)
+    got = artifact.generate(PROMPTS, 24)
+    for row, prompt in enumerate(PROMPTS):
+        assert got[row] == recompute(ref, prompt, 24)[0]

@@ -1,0 +1,48 @@
+"""Attention of one query per row over a static KV cache, reading only the part of the cache the mask lets the
+query see; what the pass decode_attention puts into decode graphs:
+
+    torch.ops.tpcompile.decode_attention(q, k, v, mask, scale) -> y (B, Hq, 1, D)
+
+    q (B, Hq, 1, D); k, v (B, Hkv, S, D), Hq a multiple of Hkv (query head h reads kv head h // (Hq // Hkv));
+    mask bool (B or 1, 1, 1, S), True where the key is seen.
+
+Reference (any device): scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=True), the op the
+pass replaced. On a GPU with triton: flash_decode.py, whose split kernel skips every block of the cache in which the
+mask sees no key, so a decode step reads the filled prefix of the cache, not all of it. Registered as a
+torch.library.triton_op there, so Inductor and AOTInductor compile its kernels into the engine (no Python call
+at run time); without triton it is a plain custom op that runs the reference.
+"""
+import importlib.util
+
+import torch
+from torch import Tensor
+
+NAME = "tpcompile::decode_attention"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                            enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    if q.device.type != "cuda":
+        return reference(q, k, v, mask, scale)
+    from tpcompile.kernels.flash_decode import launch
+    return launch(q.contiguous(), _unit_last(k), _unit_last(v), mask, scale)
+
+
+def _unit_last(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _reference_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    return reference(q, k, v, mask, scale)
+
+
+if HAS_TRITON:
+    decode_attention = torch.library.triton_op(NAME, _op, mutates_args=())
+else:
+    decode_attention = torch.library.custom_op(NAME, _reference_op, mutates_args=())
+    decode_attention.register_fake(lambda q, k, v, mask, scale: torch.empty_like(q))

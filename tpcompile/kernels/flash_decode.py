@@ -1,0 +1,118 @@
+"""The Triton kernels behind torch.ops.tpcompile.decode_attention (decode_attention.py): attention of one query
+per row over the keys its mask lets it see, split across the GPU (flash-decoding), reading only blocks of the
+cache in which some key is seen.
+
+    split kernel, program (row b, kv head, split i): the blocks i, i + splits, i + 2 * splits, ... of the S slots.
+        It reads the mask of all its blocks first; a block with no seen key is skipped, its k and v never read.
+        For the blocks left it computes, for the kv head's whole group of query heads at once (one read of k, v),
+        the softmax numerator and denominator online (running max) and writes the normalised partial output and
+        its log-sum-exp.
+    merge kernel, program (row b, query head): the splits' partials weighted by exp(lse - max lse).
+
+Blocks are dealt round-robin, so a filled prefix of any length spreads over every split. Needs triton; imported
+only on a GPU.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+BLOCK_N = 64  # cache slots per block
+
+
+@triton.jit
+def _split_kernel(Q, K, V, M, O, L, scale, S, HKV: tl.constexpr, G: tl.constexpr,
+                  sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms,
+                  D: tl.constexpr, SPLITS: tl.constexpr, PER_SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    bh, split = tl.program_id(0), tl.program_id(1)
+    b, kvh = bh // HKV, bh % HKV
+    g, d, n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    g_ok, d_ok = g < G, d < D
+    h = kvh * G + g
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    # which of this program's blocks have a seen key: one load of all their mask bytes
+    j = tl.arange(0, PER_SPLIT)
+    cols = (split + j * SPLITS)[:, None] * BLOCK_N + n[None, :]
+    seen = tl.load(M + b * smb + cols * sms, mask=cols < S, other=0).to(tl.int32)
+    live = tl.max(seen, axis=1)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for step in range(PER_SPLIT):
+        if tl.sum(tl.where(j == step, live, 0)) > 0:
+            c = (split + step * SPLITS) * BLOCK_N + n
+            c_ok = c < S
+            visible = tl.load(M + b * smb + c * sms, mask=c_ok, other=0) != 0
+            k = tl.load(K + b * skb + kvh * skh + c[:, None] * sks + d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = tl.where(visible[None, :], qk * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(qk - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(V + b * svb + kvh * svh + c[:, None] * svs + d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            if IEEE:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
+    row = (b * HKV * G + h) * SPLITS + split  # partials: (B, Hq, SPLITS, D) and (B, Hq, SPLITS), contiguous
+    tl.store(O + row[:, None] * D + d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(L + row, lse, mask=g_ok)
+
+
+@triton.jit
+def _merge_kernel(O, L, Y, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)  # (b, query head); Y (B, Hq, 1, D) contiguous
+    s, d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+    s_ok, d_ok = s < SPLITS, d < D
+    lse = tl.load(L + bh * SPLITS + s, mask=s_ok, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - top))
+    part = tl.load(O + (bh * SPLITS + s)[:, None] * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    y = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(Y + bh * D + d, y.to(Y.dtype.element_ty), mask=d_ok)
+
+
+def splits_for(rows: int, slots: int, device: torch.device) -> int:
+    """Splits per (row, kv head): about four programs per SM in all, never more than the blocks."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(slots, BLOCK_N), triton.cdiv(4 * sms, rows)))
+
+
+def launch(q, k, v, mask, scale: float, splits: int | None = None) -> torch.Tensor:
+    """q (B, Hq, 1, D), k and v (B, Hkv, S, D) with unit stride along D, mask bool (B or 1, 1, 1, S) -> (B, Hq, 1, D)
+    in q's dtype. Runs the kernels directly or, under torch.compile / export, as wrapped Triton kernels."""
+    B, HQ, _, D = q.shape
+    HKV, S = k.shape[1], k.shape[2]
+    G = HQ // HKV
+    splits = splits or splits_for(B * HKV, S, q.device)
+    per_split = triton.next_power_of_2(triton.cdiv(triton.cdiv(S, BLOCK_N), splits))
+    partial = torch.empty((B, HQ, splits, D), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, HQ, splits), dtype=torch.float32, device=q.device)
+    y = torch.empty((B, HQ, 1, D), dtype=q.dtype, device=q.device)
+    smb = mask.stride(0) if mask.shape[0] > 1 else 0
+    block_d = max(16, triton.next_power_of_2(D))
+    wrap_triton(_split_kernel)[(B * HKV, splits)](
+        q, k, v, mask, partial, lse, scale, S, HKV, G, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), smb, mask.stride(3), D, splits, per_split,
+        max(16, triton.next_power_of_2(G)), block_d, BLOCK_N, q.dtype == torch.float32, num_warps=4)
+    wrap_triton(_merge_kernel)[(B * HQ,)](partial, lse, y, D, splits, max(2, triton.next_power_of_2(splits)), block_d,
+                                          num_warps=4)
+    return y
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)

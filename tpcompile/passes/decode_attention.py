@@ -1,0 +1,82 @@
+"""decode_attention: attention of one query per row over a KV cache with a boolean mask becomes the op that reads
+only the blocks of the cache the mask sees (tpcompile/kernels/decode_attention.py):
+
+    before: y = scaled_dot_product_attention(q, k, v, mask[, scale=s][, enable_gqa=True])
+    after:  y = tpcompile.decode_attention(q, k, v, mask, s)
+
+    where q is (B, Hq, 1, D), k and v (B, Hkv, S, D) with Hq a multiple of Hkv (equal unless enable_gqa), the mask
+    is bool and the same for every head, (B or 1, 1, 1, S); no dropout, not causal, a floating dtype.
+
+SDPA reads every slot of the static cache every step, whatever the mask; the op reads the slots the mask sees (the
+filled prefix, or a sliding window) and only the mask bytes of the rest. Keyed on the node's arguments and shapes
+only: any model whose decode graph attends this way gets it.
+
+Where it runs: on a GPU, with the engines that compile or call torch ops (`wanted`); onnx and tensorrt export
+standard ops only, and on the CPU the op would run its reference (SDPA): the graph stays as it is there unless a
+caller applies the pass itself (the tests do). Runs on the rank graph (local head counts), after the partition.
+"""
+import math
+
+import torch
+from torch.fx import GraphModule, Node
+
+import tpcompile.kernels  # noqa: F401  registers torch.ops.tpcompile.*
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+SIGNATURE = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+BACKENDS = ("eager", "inductor", "inductor_cudagraphs", "aoti", "aoti_cudagraphs")
+
+
+def wanted(backend: str, device: str) -> bool:
+    """Whether a build for `backend` on `device` should run the pass."""
+    return torch.device(device).type == "cuda" and backend in BACKENDS
+
+
+def decode_attention(gm: GraphModule) -> list[str]:
+    """Returns the names of the attention nodes replaced."""
+    changed = []
+    for node in list(gm.graph.nodes):
+        scale = _one_query_attention(node)
+        if scale is None:
+            continue
+        a = _arguments(node)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.tpcompile.decode_attention.default,
+                                         (a["query"], a["key"], a["value"], a["attn_mask"], scale))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed.append(node.name)
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _arguments(node: Node) -> dict:
+    defaults = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    return defaults | dict(zip(SIGNATURE, node.args)) | dict(node.kwargs)
+
+
+def _one_query_attention(node: Node) -> float | None:
+    """The softmax scale when `node` is attention the op computes the same way, else None."""
+    if node.op != "call_function" or node.target != SDPA:
+        return None
+    a = _arguments(node)
+    q, k, v, mask = (_val(a[n]) for n in ("query", "key", "value", "attn_mask"))
+    if any(t is None for t in (q, k, v, mask)) or a["dropout_p"] or a["is_causal"]:
+        return None
+    if q.dim() != 4 or q.shape[2] != 1 or k.shape != v.shape or k.dim() != 4 or not q.dtype.is_floating_point:
+        return None
+    (b, hq, _, d), (_, hkv, s, dk) = q.shape, k.shape
+    if dk != d or k.shape[0] != b or hq % hkv or (hq != hkv and not a["enable_gqa"]) or d > 256:
+        return None
+    if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape[1:]) != (1, 1, s) or mask.shape[0] not in (1, b):
+        return None
+    return float(a["scale"]) if a["scale"] is not None else 1.0 / math.sqrt(d)
+
+
+def _val(x) -> torch.Tensor | None:
+    val = x.meta.get("val") if isinstance(x, Node) else None
+    return val if isinstance(val, torch.Tensor) else None
