@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -74,14 +75,16 @@ def ceilings() -> dict:
 
 
 def tpcompile_bench(model: str, backend: str, out: Path, batch=1, prompt=32, new=128, max_seq=256, chunk=32, tp=1,
-                    profile_steps=0, extra=(), timeout_s=900) -> dict:
-    """`tpcompile bench` on cuda in a subprocess (bf16); its JSON record, or {"error": ...}."""
-    results = out / f"tmp_{model}_tp{tp}_{backend}_b{batch}_p{prompt}"
+                    profile_steps=0, extra=(), timeout_s=900, tag="") -> dict:
+    """`tpcompile bench` on cuda in a subprocess (bf16); its JSON record, or {"error": ...}. tag names the run's
+    folders apart from a run of the same model, backend, batch and prompt with other `extra` overrides."""
+    suffix = f"_{tag}" if tag else ""
+    results = out / f"tmp_{model}_tp{tp}_{backend}_b{batch}_p{prompt}{suffix}"
     cmd = [sys.executable, "-m", "tpcompile.cli", "bench", f"model={model}", f"tp={tp}", "dtype=bfloat16",
            "runtime.device=cuda", f"backend={backend}", f"generation.max_batch={batch}", f"generation.max_seq={max_seq}",
            f"generation.prefill_chunk={chunk}", f"bench.prompt_len={prompt}", f"bench.new_tokens={new}",
            f"bench.profile_steps={profile_steps}", f"bench.results_dir={results}", f"out_dir={out / 'engines'}",
-           f"hydra.run.dir={out / 'hydra'}/{model}_tp{tp}_{backend}_{batch}_{prompt}", *extra]
+           f"hydra.run.dir={out / 'hydra'}/{model}_tp{tp}_{backend}_{batch}_{prompt}{suffix}", *extra]
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
@@ -124,3 +127,21 @@ def write_collective_record(what: str, name: str, world: int, rows: list, out, *
     print(f"wrote {path}", flush=True)
     return path
 
+
+
+def cli(*args: str, env: dict | None = None, timeout_s: int = 900) -> dict:
+    """`python -m tpcompile.cli args...` from the repository root in its own process group (NVLink multicast off,
+    env added): exit status ("timeout" after timeout_s, when the whole group, workers included, is killed), wall
+    seconds, stdout and stderr."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "tpcompile.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, **NO_MULTICAST, **(env or {})})
+    try:
+        stdout, stderr = p.communicate(timeout=timeout_s)
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+        rc = "timeout"
+    return {"rc": rc, "seconds": time.perf_counter() - t0, "stdout": stdout, "stderr": stderr}

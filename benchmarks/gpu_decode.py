@@ -1,24 +1,58 @@
-"""Decode at the memory-bandwidth limit on one GPU: tpcompile vs transformers (static cache, compiled) vs a
-plain eager run of our own graph, in one process tree.
+"""Decode on one GPU: tpcompile next to transformers' generate (static cache, compiled) and a plain eager run of
+our own graph; long-context decode against its bandwidth floor; batched decode; pass ablations; the first token
+of an already compiled artifact in a fresh process. The device's copy bandwidth and bf16 matmul rate are measured
+first; every row carries device, torch version, commit and date.
 
     python benchmarks/gpu_decode.py --models llama_1b llama_8b     # -> results/decode_llama-1b+llama-8b_<gpu>_<date>.json
 
-For each model: our engine (`tpcompile bench`, bf16, tp=1, batch 1, 32-token prompt, 128 new tokens) with the
-inductor_cudagraphs backend and with the eager backend; transformers' generate with a static cache under
-torch.compile(mode="reduce-overhead") on the same config with random weights; optionally decode at batch 16
-and 64 and a 2048-token prefill. The device's copy bandwidth and bf16 matmul rate are measured first.
-Every record carries device, torch version, commit and date.
+`--parts` run in the order given, for each model; `--backend` (default inductor_cudagraphs) is our engine's
+backend in ours, ablation, batch and long. Our rows are `tpcompile bench` (bf16, tp=1) in a subprocess.
+
+| part | what | record |
+|---|---|---|
+| ours | batch 1, 32-token prompt, 128 new tokens, 8 profiled steps (kernels per step) | decode |
+| ablation | ours with `backend.skip_passes=[fold_repeat_kv]`, then `[fuse_linears]` (run with ours) | decode |
+| eager | our graph under `backend=eager`, 16 new tokens | decode |
+| aoti | ours under `backend=aoti_cudagraphs` | decode |
+| hf | transformers' generate, static cache, compiled, random weights | decode |
+| checkpoint | the same shape saved as a transformers checkpoint, compiled through `model=hf` | decode |
+| peer | the hand-written gpt-fast-style decoder of `--peer`, in its own process | decode |
+| batch | batch 8 and 32 (32-token prompt, 64 new, max_seq 128), ours and transformers | decode-batch |
+| prefill | a 2048-token prompt in chunks of 512 | decode-prefill |
+| long | prompts of 1000, 4000, 16000 tokens in one max_seq-16384 artifact, decode_attention on and off | decode-long |
+| first_token | `tpcompile generate artifact=DIR` in a fresh process, caches cold then warm | first-token |
+
+long: chunks of 512, 64 new tokens, then the same with `backend.skip_passes=[decode_attention]` (attention over
+the whole static cache instead of the filled prefix). first_token: compile a generation artifact (batch 1,
+max_seq 256, chunks of 32, as `ours` and `aoti` bench it, so theirs is reused) per `--first-token-backends`, then
+generate 16 tokens in a fresh process with empty Inductor and Triton caches (cold) and again with the caches that
+run left (warm): the process's wall time and the first-token time it reports.
+
+Every bench row gets `kv_bytes_filled` (mean KV bytes of the filled prefix per decode step: cache bytes x
+(prompt + new/2) / (max_seq + 1), the +1 being the scratch slot), `floor_ms` ((streamed weights + filled KV) / the
+bench's copy bandwidth; the record's own `floor_ms_filled` when it has one) and `over_floor` (ms per token over it).
+`tpcompile bench` wants the prompt padded to whole chunks + new tokens within max_seq: at 16384 and chunks of 512
+with 64 new tokens, prompts up to 15872 (`--long-prompts`, `--long-max-seq`).
+
+Engines, checkpoints and temporary files go to `--work` (default: `--out`); each record is rewritten after every
+row, so a call cut short keeps what it ran. One 600-s call on one H200:
+
+    python benchmarks/gpu_decode.py --models llama_8b --backend aoti_cudagraphs --parts long first_token \\
+        --work outputs/gpu --out $OUT
 """
 import argparse
 import json
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import REPO, ceilings, device_tag, provenance, result_path, tpcompile_bench  # benchmarks/common.py
+from common import REPO, ceilings, cli, device_tag, provenance, result_path, tpcompile_bench  # benchmarks/common.py
 
 SHAPES = {  # the presets in conf/model, for transformers' LlamaConfig
     "llama_1b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -26,10 +60,11 @@ SHAPES = {  # the presets in conf/model, for transformers' LlamaConfig
     "llama_8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, intermediate_size=14336, rope_theta=500000.0),
 }
+FIRST_TOKEN = re.compile(r"first token (?:after )?([0-9.]+) ?s")  # in the line `tpcompile generate` ends with
 
 
-def transformers_static(model: str, new=128, prompt=32) -> dict:
-    """transformers' generate with a static cache, forward compiled (mode="reduce-overhead")."""
+def transformers_static(model: str, new=128, prompt=32, batch=1) -> dict:
+    """transformers' generate with a static cache, forward compiled (mode="reduce-overhead"), on `batch` prompts."""
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(**SHAPES[model], max_position_embeddings=4096, tie_word_embeddings=False)
@@ -37,7 +72,7 @@ def transformers_static(model: str, new=128, prompt=32) -> dict:
         m = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     m.generation_config.cache_implementation = "static"  # generate compiles the decode step itself
     m.generation_config.pad_token_id = 0
-    ids = torch.randint(1, cfg.vocab_size, (1, prompt), device="cuda")
+    ids = torch.randint(1, cfg.vocab_size, (batch, prompt), device="cuda")  # (B, T)
 
     def timed(n):
         torch.cuda.synchronize()
@@ -53,11 +88,13 @@ def transformers_static(model: str, new=128, prompt=32) -> dict:
     first = sorted(timed(1) for _ in range(3))[1]
     per_token = (full - first) / (new - 1)
     weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
-    del m
+    table = m.get_input_embeddings().weight  # looked up, one row per token: no matmul work
+    matmul_bytes = weight_bytes - table.numel() * table.element_size()
+    del m, table
     torch.cuda.empty_cache()
     return {"model": model, "engine": f"transformers {transformers.__version__} generate, static cache, compiled",
-            "decode_ms_run": per_token * 1e3, "weight_bytes": weight_bytes, "batch": 1, "prompt_len": prompt,
-            "new_tokens": new}
+            "decode_ms_run": per_token * 1e3, "weight_bytes": weight_bytes, "matmul_weight_bytes": matmul_bytes,
+            "batch": batch, "prompt_len": prompt, "new_tokens": new}
 
 
 def peer(model: str, script: str) -> list[dict]:
@@ -96,6 +133,146 @@ def checkpoint_bench(model: str, out: Path) -> dict:
     return {**rec, "model": model, "engine": "tpcompile inductor_cudagraphs, model=hf (transformers' code)"}
 
 
+def generation_artifact(model: str, backend: str, work: Path, device="cuda", dtype="bfloat16") -> dict:
+    """`tpcompile compile kv_cache=true` at the shape the part `ours` benches (batch 1, max_seq 256, chunks of 32),
+    so an artifact built there is reused: {"artifact": DIR, "compile_seconds": s} or {"error": ...}."""
+    ran = cli("compile", "kv_cache=true", f"model={model}", "tp=1", f"dtype={dtype}", f"runtime.device={device}",
+              f"backend={backend}", "generation.max_seq=256", "generation.max_batch=1", "generation.prefill_chunk=32",
+              f"out_dir={work / 'engines'}", f"hydra.run.dir={work / 'hydra' / f'compile_{model}_{backend}'}")
+    found = re.search(r"^artifact: (.+)$", ran["stdout"], re.M)
+    if ran["rc"] != 0 or not found:
+        return {"error": f"compile exit {ran['rc']}: {(ran['stderr'] or ran['stdout'])[-600:]}"}
+    return {"artifact": found[1].strip(), "compile_seconds": ran["seconds"]}
+
+
+def generate_once(artifact: str, caches: Path, hydra_dir: Path, device="cuda") -> dict:
+    """`tpcompile generate artifact=DIR` (16 new tokens) in a fresh process whose Inductor and Triton caches are
+    under `caches`: its wall time and its first-token time (from its generate.json, else from the line it ends
+    with; None when neither has one)."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton")}
+    ran = cli("generate", f"artifact={artifact}", "tp=1", f"runtime.device={device}", "generation.max_new_tokens=16",
+              "generation.prompt=Once upon a time", f"hydra.run.dir={hydra_dir}", env=env)
+    print(ran["stdout"][-1500:], ran["stderr"][-1500:] if ran["rc"] else "", flush=True)
+    record = hydra_dir / "generate.json"
+    first = json.loads(record.read_text()).get("first_token_seconds") if record.is_file() and ran["rc"] == 0 else None
+    found = FIRST_TOKEN.search(ran["stdout"])
+    row = {"process_seconds": ran["seconds"], "first_token_seconds": first or (float(found[1]) if found else None),
+           "rc": ran["rc"], "last_line": (ran["stdout"].strip().splitlines() or [""])[-1][-300:]}
+    if ran["rc"] != 0:
+        row["error"] = (ran["stderr"] or ran["stdout"])[-600:]
+    return row
+
+
+def first_token(model: str, backend: str, work: Path, device="cuda", dtype="bfloat16") -> list[dict]:
+    """Time to the first token of a compiled artifact in a fresh process: Inductor and Triton caches empty
+    (cold), then the caches that run left (warm)."""
+    head = {"model": model, "backend": backend, "engine": f"tpcompile {backend} generate, artifact=DIR",
+            "new_tokens": 16}
+    built = generation_artifact(model, backend, work, device, dtype)
+    if "error" in built:
+        return [{**head, **built}]
+    caches = Path(tempfile.mkdtemp(prefix=f"caches_{model}_{backend}_", dir=work))
+    rows = []
+    for state in ("cold", "warm"):
+        ran = generate_once(built["artifact"], caches, work / "hydra" / f"generate_{model}_{backend}_{state}", device)
+        rows.append({**head, "caches": state, **built, **ran})
+    shutil.rmtree(caches, ignore_errors=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ parts
+
+def part_ours(model, args, work):
+    yield {"engine": f"tpcompile {args.backend}", **tpcompile_bench(model, args.backend, work, profile_steps=8)}
+
+
+def part_ablation(model, args, work):
+    """ours with one pass left out"""
+    for skipped in ("fold_repeat_kv", "fuse_linears"):
+        yield {"engine": f"tpcompile {args.backend}, skip {skipped}", "skip_passes": [skipped],
+               **tpcompile_bench(model, args.backend, work, profile_steps=8,
+                                 extra=(f"backend.skip_passes=[{skipped}]",), tag=f"skip-{skipped}")}
+
+
+def part_aoti(model, args, work):
+    yield {"engine": "tpcompile aoti_cudagraphs", **tpcompile_bench(model, "aoti_cudagraphs", work)}
+
+
+def part_checkpoint(model, args, work):
+    yield checkpoint_bench(model, work)
+
+
+def part_peer(model, args, work):
+    yield from peer(model, args.peer)
+
+
+def part_eager(model, args, work):
+    yield {"engine": "tpcompile eager", **tpcompile_bench(model, "eager", work, new=16)}
+
+
+def part_hf(model, args, work, batch=1, new=128):
+    try:
+        yield transformers_static(model, new=new, batch=batch)
+    except Exception as e:  # keep the other rows
+        yield {"model": model, "engine": "transformers", "batch": batch, "error": repr(e)[:500]}
+
+
+def part_batch(model, args, work):
+    for b in (8, 32):
+        yield {"engine": f"tpcompile {args.backend}",
+               **tpcompile_bench(model, args.backend, work, batch=b, new=64, max_seq=128)}
+        yield from part_hf(model, args, work, batch=b, new=64)
+
+
+def part_prefill(model, args, work):
+    yield {"engine": "tpcompile inductor_cudagraphs",
+           **tpcompile_bench(model, "inductor_cudagraphs", work, prompt=2048, new=8, max_seq=2560, chunk=512)}
+
+
+def part_long(model, args, work):
+    """one artifact per setting of decode_attention (the prompt length is not part of its key)"""
+    for attention in args.long_attention:
+        extra = () if attention == "on" else ("backend.skip_passes=[decode_attention]",)
+        for prompt in args.long_prompts:
+            yield {"engine": f"tpcompile {args.backend}, decode_attention {attention}", "decode_attention": attention,
+                   **tpcompile_bench(model, args.backend, work, prompt=prompt, new=64, max_seq=args.long_max_seq,
+                                     chunk=512, extra=extra, tag=f"attention-{attention}")}
+
+
+def part_first_token(model, args, work):
+    for backend in args.first_token_backends:
+        yield from first_token(model, backend, work)
+
+
+PARTS = {  # part -> (record name, rows for one model)
+    "ours": ("decode", part_ours), "ablation": ("decode", part_ablation), "eager": ("decode", part_eager),
+    "aoti": ("decode", part_aoti), "hf": ("decode", part_hf), "checkpoint": ("decode", part_checkpoint),
+    "peer": ("decode", part_peer), "batch": ("decode-batch", part_batch), "prefill": ("decode-prefill", part_prefill),
+    "long": ("decode-long", part_long), "first_token": ("first-token", part_first_token),
+}
+
+
+# ------------------------------------------------------------------------------------------ rows and records
+
+def floor(r: dict) -> None:
+    """Mean KV bytes of the filled prefix per decode step (the cache has max_seq + 1 slots, the last a scratch
+    slot), the step's floor: (streamed weights + filled KV) / the bench's copy bandwidth, and ms per token over
+    it. The bench record's own floor (floor_ms_filled) when it carries one."""
+    need = ("cache_bytes_per_rank", "bytes_per_step", "max_seq", "prompt_len", "new_tokens", "ms_per_token")
+    if not all(k in r for k in need):
+        return
+    filled = min(1.0, (r["prompt_len"] + r["new_tokens"] / 2) / (r["max_seq"] + 1))
+    r.setdefault("kv_bytes_filled", r["cache_bytes_per_rank"] * filled)
+    if r.get("floor_ms") is None and r.get("floor_ms_filled") is not None:
+        r["floor_ms"], r["floor_from"] = r["floor_ms_filled"], "bench record (floor_ms_filled)"
+    elif r.get("floor_ms") is None:
+        # streamed weights: every weight but the embedding tables, of which one row per token is read
+        weights = r["bytes_per_step"] - r["cache_bytes_per_rank"]
+        r["floor_ms"] = (weights + r["kv_bytes_filled"]) / (r["copy_bandwidth_GBps"] * 1e9) * 1e3
+        r["floor_from"] = "gpu_decode.py: (bytes_per_step - cache_bytes_per_rank + kv_bytes_filled) / copy bandwidth"
+    r["over_floor"] = r["ms_per_token"] / r["floor_ms"]
+
+
 def enrich(r: dict, base: dict) -> dict:
     """A row with the call's ceilings, ms per token over a whole run and the fractions of them it reached."""
     r.update({k: v for k, v in base.items() if k not in r})
@@ -103,77 +280,105 @@ def enrich(r: dict, base: dict) -> dict:
         r["bytes_per_step"] = r["weight_bytes"]
     # ms per token over a whole run (tokens read back at the end), as transformers' figure is taken
     ms = r.get("decode_ms_run", r.get("decode_ms_p50"))
+    rate = base["bf16_matmul_TFLOPs"] * 1e12
     if ms and "bytes_per_step" in r:
         r["ms_per_token"] = ms
         r["hbm_fraction_of_copy_bw"] = r["bytes_per_step"] / (ms / 1e3) / (base["copy_bandwidth_GBps"] * 1e9)
+        r["tokens_per_s"] = r.get("batch", 1) / (ms / 1e3)
     if "weight_bytes_per_rank" in r:  # matmul work: 2 flops per streamed weight and token (bf16: 2 bytes each)
         params = (r["bytes_per_step"] - r["cache_bytes_per_rank"]) / 2
-        rate = base["bf16_matmul_TFLOPs"] * 1e12
         r["prefill_matmul_fraction"] = 2 * params * r["prefill_tokens_per_s"] / rate
         if ms:
             r["decode_matmul_fraction"] = 2 * params * r["batch"] / (ms / 1e3) / rate
         r["peak_over_weights_and_cache"] = r["peak_memory_bytes"] / (r["weight_bytes_per_rank"]
                                                                      + r["cache_bytes_per_rank"])
+        floor(r)
+    elif ms and "matmul_weight_bytes" in r:  # transformers: the same count from its own weights
+        r["decode_matmul_fraction"] = r["matmul_weight_bytes"] * r["batch"] / (ms / 1e3) / rate
     return r
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["llama_1b"])
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    ap.add_argument("--parts", nargs="+", default=["ours", "eager", "hf"],
-                    help="ours eager hf batch prefill peer checkpoint aoti")
-    ap.add_argument("--peer", default=str(REPO.parent / "shared" / "peers" / "handwritten_decode.py"),
-                    help="the peer decoders' script (part peer)")
-    args = ap.parse_args()
-    out = Path(args.out).resolve()  # the bench subprocesses run in the repository root
-    out.mkdir(parents=True, exist_ok=True)
-    base = {**provenance(), **ceilings()}
-    print(json.dumps(base), flush=True)
-    what = "-".join(["decode"] + [p for p in args.parts if p in ("batch", "prefill")])
-    path = result_path(what, "+".join(args.models), device_tag(), results=out)
-    rows = []
+def recorder(models: list[str], out: Path, base: dict):
+    """add(record name, row): the row enriched, its record (results/<name>_<models>_<gpu>_<date>.json, named
+    at its first row) rewritten, so a call cut short keeps what it ran. records: name -> (path, rows)."""
+    records = {}
 
-    def add(*found: dict) -> None:  # the record is rewritten after every row: a call cut short keeps what it ran
-        rows.extend(enrich(r, base) for r in found)
+    def add(what: str, row: dict) -> None:
+        if what not in records:
+            records[what] = (result_path(what, "+".join(models), device_tag(), results=out), [])
+        path, rows = records[what]
+        rows.append(enrich(row, base))
         path.write_text(json.dumps(rows, indent=1))
 
-    for model in args.models:
-        if "ours" in args.parts:
-            add({"engine": "tpcompile inductor_cudagraphs",
-                 **tpcompile_bench(model, "inductor_cudagraphs", out, profile_steps=8)})
-        if "aoti" in args.parts:
-            add({"engine": "tpcompile aoti_cudagraphs", **tpcompile_bench(model, "aoti_cudagraphs", out)})
-        if "checkpoint" in args.parts:
-            add(checkpoint_bench(model, out))
-        if "peer" in args.parts:
-            add(*peer(model, args.peer))
-        if "eager" in args.parts:
-            add({"engine": "tpcompile eager", **tpcompile_bench(model, "eager", out, new=16)})
-        if "hf" in args.parts:
-            try:
-                add(transformers_static(model))
-            except Exception as e:  # keep the other rows
-                add({"model": model, "engine": "transformers", "error": repr(e)[:500]})
-        if "batch" in args.parts:
-            for b in (16, 64):
-                add({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out,
-                                                                                  batch=b, new=32, max_seq=128)})
-        if "prefill" in args.parts:
-            add({"engine": "tpcompile inductor_cudagraphs", **tpcompile_bench(model, "inductor_cudagraphs", out,
-                                                                              prompt=2048, new=8, max_seq=2560,
-                                                                              chunk=512)})
-    print(f"wrote {path}")
-    print(f"\n{'model':9} {'engine':40} {'b':>3} {'prompt':>6} {'ms/tok':>7} {'p50':>7} {'HBM':>6} {'prefill/s':>9} "
-          f"{'mm frac':>7} {'peak/w+c':>8}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r.get('model', '?'):9} {r.get('engine', '?')[:40]:40} ERROR {r['error'][:200]}")
+    return add, records
+
+
+def cell(r: dict, key: str, fmt: str, width: int) -> str:
+    return "-".rjust(width) if r.get(key) is None else format(r[key], fmt).rjust(width)
+
+
+def summary(rows: list[dict]) -> None:
+    """One line a row: decode figures, then the first-token rows."""
+    columns = [("batch", "d", 3, "b"), ("prompt_len", "d", 6, "prompt"), ("ms_per_token", ".3f", 7, "ms/tok"),
+               ("decode_ms_p50", ".3f", 7, "p50"), ("hbm_fraction_of_copy_bw", ".1%", 6, "HBM"),
+               ("tokens_per_s", ".0f", 7, "tok/s"), ("decode_matmul_fraction", ".1%", 7, "mm frac"),
+               ("kernels_per_step", ".0f", 6, "kern"), ("kv_bytes_filled", ".3g", 9, "KV bytes"),
+               ("floor_ms", ".3f", 7, "floor"), ("over_floor", ".2f", 6, "/floor"),
+               ("peak_over_weights_and_cache", ".3f", 8, "peak/w+c")]
+    timed = [("caches", "", 5, "cache"), ("compile_seconds", ".1f", 9, "compile s"),
+             ("process_seconds", ".1f", 9, "process s"), ("first_token_seconds", ".2f", 11, "1st token s")]
+    for group, cols in (([r for r in rows if "caches" not in r], columns), ([r for r in rows if "caches" in r], timed)):
+        if not group:
             continue
-        print(f"{r['model']:9} {r['engine'][:40]:40} {r.get('batch', 1):3} {r.get('prompt_len', 0):6} "
-              f"{r.get('ms_per_token', 0):7.3f} {r.get('decode_ms_p50', 0):7.3f} {r.get('hbm_fraction_of_copy_bw', 0):6.1%} "
-              f"{r.get('prefill_tokens_per_s', 0):9.0f} {r.get('decode_matmul_fraction', 0):7.1%} "
-              f"{r.get('peak_over_weights_and_cache', 0):8.3f}")
+        print(f"\n{'model':9} {'engine':52} " + " ".join(title.rjust(w) for _, _, w, title in cols))
+        for r in group:
+            line = f"{r.get('model', '?'):9} {r.get('engine', '?')[:52]:52} "
+            if "error" in r and "caches" not in r:
+                print(line + f"ERROR {r['error'][:200]!r}")
+                continue
+            print(line + " ".join(cell(r, key, fmt, w) for key, fmt, w, _ in cols)
+                  + (f"  ERROR {r['error'][:120]!r}" if "error" in r else ""))
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["llama_1b"])
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where the records go")
+    ap.add_argument("--work", default=None, help="engines, checkpoints, temporary files (default: --out)")
+    ap.add_argument("--parts", nargs="+", default=["ours", "eager", "hf"], choices=list(PARTS), metavar="PART",
+                    help=f"run in the order given: {' '.join(PARTS)}")
+    ap.add_argument("--backend", default="inductor_cudagraphs", help="our engine's backend in ours, ablation, "
+                                                                     "batch and long")
+    ap.add_argument("--first-token-backends", nargs="+", default=["aoti_cudagraphs", "inductor_cudagraphs"],
+                    help="the backends the part first_token compiles and starts")
+    ap.add_argument("--long-prompts", nargs="+", type=int, default=[1000, 4000, 16000],
+                    help="prompt lengths of the part long")
+    ap.add_argument("--long-max-seq", type=int, default=16384, help="the cache length of the part long")
+    ap.add_argument("--long-attention", nargs="+", default=["on", "off"], choices=["on", "off"],
+                    help="decode_attention settings of the part long (off: backend.skip_passes=[decode_attention])")
+    ap.add_argument("--peer", default=str(REPO.parent / "shared" / "peers" / "handwritten_decode.py"),
+                    help="the peer decoders' script (part peer)")
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
+    out = Path(args.out).resolve()  # the bench subprocesses run in the repository root
+    work = Path(args.work).resolve() if args.work else out
+    for folder in (out, work):
+        folder.mkdir(parents=True, exist_ok=True)
+    base = {**provenance(), **ceilings()}
+    print(json.dumps(base), flush=True)
+    add, records = recorder(args.models, out, base)
+    for model in args.models:
+        for part in dict.fromkeys(args.parts):
+            what, rows = PARTS[part]
+            for row in rows(model, args, work):
+                add(what, {"model": model, **row})
+    for path, _ in records.values():
+        print(f"wrote {path}")
+    summary([r for _, rows in records.values() for r in rows])
 
 
 if __name__ == "__main__":
