@@ -4,14 +4,15 @@ decode_attention (scaled_dot_product_attention with the boolean mask, enable_gqa
 
     python benchmarks/decode_attention.py            # -> results/decode-attention_llama-8b_<gpu>_<date>.json
 
-Each figure is the time of one layer's call, from a CUDA graph of `layers` calls replayed (launch cost hidden as in
-the engines), and the bandwidth it reached over the k/v bytes of the filled slots (what it must read). Both results
-are checked against the reference in float64 first.
+Each figure is the time of one layer's call, from a CUDA graph of one call per layer, each layer its own cache (as
+in a model: no layer reads another's bytes from L2), replayed; and the bandwidth it reached over the k/v bytes of
+the filled slots (what it must read). Both are checked against the reference in float64 first.
 """
 import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,8 +24,13 @@ SHAPES = {"llama_8b": dict(heads=32, kv_heads=8, head_dim=128, layers=32),
           "llama_1b": dict(heads=32, kv_heads=4, head_dim=64, layers=22)}
 
 
-def inputs(shape: dict, batch: int, slots: int, filled: int):
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def sdpa(q, k, v, mask, scale):
+    """What the decode graph called before the pass."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def inputs(shape: dict, batch: int, slots: int, filled: int, seed: int):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(batch, shape["heads"], 1, shape["head_dim"], device="cuda", generator=gen, dtype=torch.bfloat16)
     cache = [torch.randn(batch, slots, shape["kv_heads"], shape["head_dim"], device="cuda", generator=gen,
                          dtype=torch.bfloat16) for _ in range(2)]
@@ -32,16 +38,16 @@ def inputs(shape: dict, batch: int, slots: int, filled: int):
     return q, cache[0].transpose(1, 2), cache[1].transpose(1, 2), mask
 
 
-def per_call(fn, layers: int, repeat: int = 20) -> float:
-    """Seconds per call, from a CUDA graph of `layers` calls."""
+def per_call(fns: list, repeat: int = 20) -> float:
+    """Seconds per call, from a CUDA graph of one call of each fn."""
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for fn in fns:
             fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(layers):
+        for fn in fns:
             fn()
     graph.replay()
     torch.cuda.synchronize()
@@ -49,22 +55,22 @@ def per_call(fn, layers: int, repeat: int = 20) -> float:
     for _ in range(repeat):
         graph.replay()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeat / layers
+    return (time.perf_counter() - t0) / repeat / len(fns)
 
 
 def row(model: str, batch: int, slots: int, filled: int, bandwidth: float) -> dict:
     shape = SHAPES[model]
-    q, k, v, mask = inputs(shape, batch, slots, filled)
     scale = 1 / math.sqrt(shape["head_dim"])
+    layers = [inputs(shape, batch, slots, filled, seed) for seed in range(shape["layers"])]
+    q, k, v, mask = layers[-1]
     want = reference(q.double(), k.double(), v.double(), mask, scale)
-    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
-    op = lambda: launch(q, k, v, mask, scale)  # noqa: E731
-    errors = {name: (fn().double() - want).abs().max().item() for name, fn in (("sdpa", sdpa), ("op", op))}
+    errors = {"sdpa": (sdpa(*layers[-1], scale).double() - want).abs().max().item(),
+              "op": (launch(*layers[-1], scale).double() - want).abs().max().item()}
     kv_bytes = 2 * batch * shape["kv_heads"] * filled * shape["head_dim"] * 2
     rec = {"model": model, "batch": batch, "cache_slots": slots, "filled": filled, "kv_bytes_filled": kv_bytes,
            "max_abs_err": errors}
-    for name, fn in (("sdpa", sdpa), ("op", op)):
-        sec = per_call(fn, shape["layers"])
+    for name, fn in (("sdpa", sdpa), ("op", launch)):
+        sec = per_call([lambda a=a, fn=fn: fn(*a, scale) for a in layers])
         rec[f"{name}_us"] = sec * 1e6
         rec[f"{name}_fraction_of_copy_bw"] = kv_bytes / sec / bandwidth
     rec["speedup"] = rec["sdpa_us"] / rec["op_us"]
@@ -74,6 +80,7 @@ def row(model: str, batch: int, slots: int, filled: int, bandwidth: float) -> di
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["llama_8b"])
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--cases", nargs="+", default=["1:257:160", "1:8193:1000", "1:8193:4000", "1:16385:1000",
                                                      "1:16385:4000", "1:16385:16000", "8:8193:4000", "32:2049:1000"],
                     help="batch:cache slots:filled slots")
@@ -81,7 +88,10 @@ def main():
     base = {**provenance(), **ceilings()}
     bandwidth = base["copy_bandwidth_GBps"] * 1e9
     rows = []
-    path = result_path("decode-attention", "+".join(args.models), device_tag())
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = result_path("decode-attention", "+".join(args.models), device_tag(),
+                       **({"results": args.out} if args.out else {}))
     for model in args.models:
         for case in args.cases:
             batch, slots, filled = map(int, case.split(":"))

@@ -133,11 +133,13 @@ def checkpoint_bench(model: str, out: Path) -> dict:
     return {**rec, "model": model, "engine": "tpcompile inductor_cudagraphs, model=hf (transformers' code)"}
 
 
-def generation_artifact(model: str, backend: str, work: Path, device="cuda", dtype="bfloat16") -> dict:
-    """`tpcompile compile kv_cache=true` at the shape the part `ours` benches (batch 1, max_seq 256, chunks of 32),
-    so an artifact built there is reused: {"artifact": DIR, "compile_seconds": s} or {"error": ...}."""
+def generation_artifact(model: str, backend: str, work: Path, device="cuda", dtype="bfloat16", max_seq=256,
+                        chunk=32) -> dict:
+    """`tpcompile compile kv_cache=true` at batch 1 (by default at the shape the part `ours` benches: max_seq 256,
+    chunks of 32), so an artifact built there is reused: {"artifact": DIR, "compile_seconds": s} or {"error": ...}."""
     ran = cli("compile", "kv_cache=true", f"model={model}", "tp=1", f"dtype={dtype}", f"runtime.device={device}",
-              f"backend={backend}", "generation.max_seq=256", "generation.max_batch=1", "generation.prefill_chunk=32",
+              f"backend={backend}", f"generation.max_seq={max_seq}", "generation.max_batch=1",
+              f"generation.prefill_chunk={chunk}",
               f"out_dir={work / 'engines'}", f"hydra.run.dir={work / 'hydra' / f'compile_{model}_{backend}'}")
     found = re.search(r"^artifact: (.+)$", ran["stdout"], re.M)
     if ran["rc"] != 0 or not found:
@@ -163,12 +165,12 @@ def generate_once(artifact: str, caches: Path, hydra_dir: Path, device="cuda") -
     return row
 
 
-def first_token(model: str, backend: str, work: Path, device="cuda", dtype="bfloat16") -> list[dict]:
+def first_token(model: str, backend: str, work: Path, device="cuda", dtype="bfloat16", shape=(256, 32)) -> list[dict]:
     """Time to the first token of a compiled artifact in a fresh process: Inductor and Triton caches empty
     (cold), then the caches that run left (warm)."""
     head = {"model": model, "backend": backend, "engine": f"tpcompile {backend} generate, artifact=DIR",
             "new_tokens": 16}
-    built = generation_artifact(model, backend, work, device, dtype)
+    built = generation_artifact(model, backend, work, device, dtype, *shape)
     if "error" in built:
         return [{**head, **built}]
     caches = Path(tempfile.mkdtemp(prefix=f"caches_{model}_{backend}_", dir=work))
@@ -241,7 +243,7 @@ def part_long(model, args, work):
 
 def part_first_token(model, args, work):
     for backend in args.first_token_backends:
-        yield from first_token(model, backend, work)
+        yield from first_token(model, backend, work, shape=args.first_token_shape)
 
 
 PARTS = {  # part -> (record name, rows for one model)
@@ -354,6 +356,8 @@ def parse_args() -> argparse.Namespace:
                     help="the backends the part first_token compiles and starts")
     ap.add_argument("--long-prompts", nargs="+", type=int, default=[1000, 4000, 16000],
                     help="prompt lengths of the part long")
+    ap.add_argument("--first-token-shape", nargs=2, type=int, default=[256, 32], metavar=("MAX_SEQ", "CHUNK"),
+                    help="the artifact first_token compiles or reuses (16384 512: the one the part long built)")
     ap.add_argument("--long-max-seq", type=int, default=16384, help="the cache length of the part long")
     ap.add_argument("--long-attention", nargs="+", default=["on", "off"], choices=["on", "off"],
                     help="decode_attention settings of the part long (off: backend.skip_passes=[decode_attention])")

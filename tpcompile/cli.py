@@ -127,11 +127,11 @@ def cmd_bench(job) -> dict:
     from tpcompile import pipeline
     from tpcompile.bench import summarize, table
     b, g = job.bench, job.generation
-    needed = -(-b.prompt_len // g.prefill_chunk) * g.prefill_chunk + b.new_tokens + b.profile_steps
+    needed = b.prompt_len + max(b.new_tokens, b.profile_steps + 1) - 1  # slots a run fills (pads use the scratch)
     if needed > g.max_seq:
-        raise ValueError(f"bench.prompt_len={b.prompt_len} (padded to generation.prefill_chunk={g.prefill_chunk}) + "
-                         f"bench.new_tokens={b.new_tokens} + bench.profile_steps={b.profile_steps} = {needed} "
-                         f"passes generation.max_seq={g.max_seq}; raise generation.max_seq or lower them")
+        raise ValueError(f"bench.prompt_len={b.prompt_len} + max(bench.new_tokens={b.new_tokens}, "
+                         f"bench.profile_steps={b.profile_steps} + 1) - 1 = {needed} passes generation.max_seq="
+                         f"{g.max_seq}; raise generation.max_seq or lower them")
     built = pipeline.build_generation(job)
     t0 = time.perf_counter()
     with _session(job, built.path) as s:
