@@ -12,18 +12,17 @@ cache in which some key is seen.
 Blocks are dealt round-robin, so a filled prefix of any length spreads over every split. Needs triton; imported
 only on a GPU.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
 
 BLOCK_N = 64  # cache slots per block
 
 
 @triton.jit
-def _split_kernel(Q, K, V, M, O, L, scale, S, HKV: tl.constexpr, G: tl.constexpr,
+def _split_kernel(Q, K, V, M, O, L, scale: tl.constexpr, S, HKV: tl.constexpr, G: tl.constexpr,
                   sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms,
                   D: tl.constexpr, SPLITS: tl.constexpr, PER_SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
@@ -105,14 +104,16 @@ def launch(q, k, v, mask, scale: float, splits: int | None = None) -> torch.Tens
     y = torch.empty((B, HQ, 1, D), dtype=q.dtype, device=q.device)
     smb = mask.stride(0) if mask.shape[0] > 1 else 0
     block_d = max(16, triton.next_power_of_2(D))
-    wrap_triton(_split_kernel)[(B * HKV, splits)](
+    _wrapped(_split_kernel)[(B * HKV, splits)](
         q, k, v, mask, partial, lse, scale, S, HKV, G, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), smb, mask.stride(3), D, splits, per_split,
         max(16, triton.next_power_of_2(G)), block_d, BLOCK_N, q.dtype == torch.float32, num_warps=4)
-    wrap_triton(_merge_kernel)[(B * HQ,)](partial, lse, y, D, splits, max(2, triton.next_power_of_2(splits)), block_d,
+    _wrapped(_merge_kernel)[(B * HQ,)](partial, lse, y, D, splits, max(2, triton.next_power_of_2(splits)), block_d,
                                           num_warps=4)
     return y
 
 
-def default_scale(d: int) -> float:
-    return 1.0 / math.sqrt(d)
+def _wrapped(kernel):
+    """The kernel as torch.compile and export can trace it; as it is under Triton's interpreter (TRITON_INTERPRET=1,
+    where it is no JITFunction)."""
+    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
