@@ -154,13 +154,20 @@ def test_kernels_in_the_triton_interpreter_equal_the_reference(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_on_the_gpu_equal_the_reference_eager_and_compiled(dtype):
     from tpcompile.kernels.flash_decode import launch
-    tol = 2e-6 if dtype == torch.float32 else 2 ** -7
+    """bfloat16: within a rounding of the output (2^-8 relative) plus the bfloat16 softmax weights' (the same
+    bound as torch's bfloat16 tolerance), and no further from float64 than twice torch's own SDPA in bfloat16."""
     compiled = torch.compile(lambda q, k, v, m, s: ops.decode_attention(q, k, v, m, s), fullgraph=True)
     for case in CASES:
         for op in (launch, lambda q, k, v, m, s, splits: compiled(q, k, v, m, s)):
             got, want = run_case(case, dtype, "cuda", op)
             assert got.dtype == dtype and got.shape == want.shape
-            assert (got.double() - want).abs().max().item() <= tol, case
+            if dtype == torch.float32:
+                assert (got.double() - want).abs().max().item() <= 2e-6, case
+                continue
+            torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=2 ** -7, msg=str(case))
+            sdpa, _ = run_case(case, dtype, "cuda", lambda q, k, v, m, s, splits: reference(q, k, v, m, s))
+            err, err_sdpa = ((x.double() - want).norm() / want.norm() for x in (got, sdpa))
+            assert err <= 2 * err_sdpa + 1e-4, (case, err, err_sdpa)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")
