@@ -31,14 +31,18 @@ run left (warm): the process's wall time and the first-token time it reports.
 Every bench row gets `kv_bytes_filled` (mean KV bytes of the filled prefix per decode step: cache bytes x
 (prompt + new/2) / (max_seq + 1), the +1 being the scratch slot), `floor_ms` ((streamed weights + filled KV) / the
 bench's copy bandwidth; the record's own `floor_ms_filled` when it has one) and `over_floor` (ms per token over it).
-`tpcompile bench` wants the prompt padded to whole chunks + new tokens within max_seq: at 16384 and chunks of 512
-with 64 new tokens, prompts up to 15872 (`--long-prompts`, `--long-max-seq`).
+A prompt of 16,000 tokens fits a 16,384-slot artifact with 64 new tokens (`tpcompile bench` checks
+prompt + new - 1 <= max_seq; the chunks' left padding goes to the scratch slot).
 
 Engines, checkpoints and temporary files go to `--work` (default: `--out`); each record is rewritten after every
-row, so a call cut short keeps what it ran. One 600-s call on one H200:
+row, so a call cut short keeps what it ran. On one H200, the first `long` run compiles llama_8b with AOTInductor
+in about 260 s, and each bench after it takes 40-50 s; so one 600-s call holds the long rows (pass on) and
+another the first-token rows with a batch-1 bench of the same artifact:
 
-    python benchmarks/gpu_decode.py --models llama_8b --backend aoti_cudagraphs --parts long first_token \\
-        --work outputs/gpu --out $OUT
+    python benchmarks/gpu_decode.py --models llama_8b --backend aoti_cudagraphs --parts long \
+        --long-prompts 32 1000 4000 16000 --long-attention on --work /tmp/w --out $OUT
+    python benchmarks/gpu_decode.py --models llama_8b --parts first_token aoti \
+        --first-token-backends aoti_cudagraphs --work /tmp/w --out $OUT
 """
 import argparse
 import json

@@ -34,6 +34,8 @@ def test_inspect_prints_the_plan_and_writes_no_weights(run_cli, tmp_path):
     (["runtime.collectives=nccl"], "runtime.collectives=nccl needs runtime.device=cuda"),
     (["runtime.collectives=mpi"], "runtime.collectives='mpi': use one of"),
     (["bench.new_tokens=1"], "bench.new_tokens=1: the first token comes from prefill"),
+    (["backend.skip_passes=[fuse_everything]"], "backend.skip_passes=['fuse_everything']: 'fuse_everything' is not an "
+                                                "optional pass; use any of ['fold_repeat_kv', 'fuse_linears'"),
     (["max_seq=64"], "max_seq=64: this key is now generation.max_seq; write generation.max_seq=64"),
     (["generation.max_seq=100"], "generation.max_seq=100 is not a multiple of generation.prefill_chunk=16"),
 ])

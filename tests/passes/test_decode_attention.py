@@ -156,7 +156,8 @@ def test_kernels_on_the_gpu_equal_the_reference_eager_and_compiled(dtype):
     from tpcompile.kernels.flash_decode import launch
     """bfloat16: within a rounding of the output (2^-8 relative) plus the bfloat16 softmax weights' (the same
     bound as torch's bfloat16 tolerance), and no further from float64 than twice torch's own SDPA in bfloat16."""
-    compiled = torch.compile(lambda q, k, v, m, s: ops.decode_attention(q, k, v, m, s), fullgraph=True)
+    torch._dynamo.reset()  # one compile per case (static shapes), within dynamo's recompile limit
+    compiled = torch.compile(lambda q, k, v, m, s: ops.decode_attention(q, k, v, m, s), fullgraph=True, dynamic=False)
     for case in CASES:
         for op in (launch, lambda q, k, v, m, s, splits: compiled(q, k, v, m, s)):
             got, want = run_case(case, dtype, "cuda", op)
