@@ -5,6 +5,7 @@ stop; per concurrency level: output tokens/s, TTFT and TPOT p50/p95/p99 (client 
     python benchmarks/serve_load.py                                   # CPU, llama_tiny, tp=1
     python benchmarks/serve_load.py --model llama_1b --device cuda --dtype bfloat16 --backend inductor_cudagraphs
     python benchmarks/serve_load.py --guidellm                        # also run guidellm once (if installed)
+    OMP_NUM_THREADS=1 python benchmarks/serve_load.py --decode-steps 8  # a shared CPU: no spinning thread teams
 
 Requests: random token-id prompts of --prompt-len tokens, --max-tokens new tokens each, greedy (a random-weight
 preset has no eos, so every request makes all its tokens). The server gets max_batch = the largest concurrency,
@@ -29,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import REPO, device_tag, result_path  # noqa: E402
 from tpcompile.bench import percentile  # noqa: E402
+from tpcompile.config import ServerConfig  # noqa: E402
 from tpcompile.util import provenance  # noqa: E402
 
 
@@ -44,6 +46,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--chunk", type=int, default=32, help="generation.prefill_chunk")
+    p.add_argument("--decode-steps", type=int, default=ServerConfig.decode_steps,
+                   help="server.decode_steps: the most decode steps per worker call")
     p.add_argument("--guidellm", action="store_true", help="also run guidellm against the server once")
     p.add_argument("--work", default=None, help="engines and logs (default: a temp dir, removed)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
@@ -55,12 +59,14 @@ def main() -> None:
     overrides = [f"model={a.model}", f"tp={a.tp}", f"runtime.device={a.device}", f"dtype={a.dtype}",
                  f"backend={a.backend}", f"generation.max_batch={max(levels)}", f"generation.max_seq={max_seq}",
                  f"generation.prefill_chunk={a.chunk}", f"out_dir={work / 'engines'}"]
+    serve = [f"server.decode_steps={a.decode_steps}"]
     record = {"model": a.model, "tp": a.tp, "device": a.device, "dtype": a.dtype, "backend": a.backend,
               "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "requests_per_level": a.requests,
-              "max_batch": max(levels), "max_seq": max_seq, "prefill_chunk": a.chunk, **provenance(),
+              "max_batch": max(levels), "max_seq": max_seq, "prefill_chunk": a.chunk,
+              "decode_steps": a.decode_steps, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), **provenance(),
               "device_name": _device_name(a.device), "levels": [],
               "how": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])}
-    server, url = start_server(overrides, work)
+    server, url = start_server(overrides + serve, work)
     try:
         for c in levels:
             run_level(url, a, c, requests=min(4, c), warm=True)  # warm-up: first calls, thread start
