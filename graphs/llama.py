@@ -151,8 +151,10 @@ class Llama(nn.Module):
     def _forward_cached(self, input_ids, positions):
         S = self.max_seq
         slots = torch.arange(S + 1, device=input_ids.device)
-        # query at p sees slots s <= p of its own row; a scratch query (p = S) sees all, so no row is empty
-        mask = slots[None, None, :] <= positions[:, :, None]  # (B, T, S + 1)
+        # query at p sees slots s <= p of its own row; a scratch query (p = S: a pad or an idle row) sees the
+        # scratch slot only, which it has just written: no softmax row is empty, an idle row reads one slot
+        p = positions[:, :, None]
+        mask = (slots[None, None, :] <= p) & ((p < S) | (slots[None, None, :] == S))  # (B, T, S + 1)
         x = self.embed(input_ids)
         rope = self._rope(torch.where(positions == S, 0, positions))  # scratch tokens: RoPE position 0
         for layer in self.layers:

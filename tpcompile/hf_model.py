@@ -168,8 +168,9 @@ class CausalLM(nn.Module):
 
     def _masks(self, positions: torch.Tensor):
         """4-D masks (B, 1, T, S + 1): the query at position p sees slots s <= p of its row (and s > p - W on a
-        sliding layer of window W; s // C == p // C on a chunked layer of chunk C). A scratch query (p = S) sees
-        every slot of its row, so no softmax row is empty. One mask when every layer has the same kind, else a
+        sliding layer of window W; s // C == p // C on a chunked layer of chunk C). A scratch query (p = S: a pad
+        or an idle row) sees the scratch slot only, which it has just written, so no softmax row is empty and an
+        idle row's attention reads one slot. One mask when every layer has the same kind, else a
         dict by layer type (as transformers' hybrid models take them)."""
         types, windows = layer_types(self.config)
         slots = torch.arange(self.max_seq + 1, device=positions.device)[None, None, :]  # (1, 1, S + 1)
@@ -182,7 +183,8 @@ class CausalLM(nn.Module):
                 mask = mask & (slots > p - window)
             elif kind == "chunked_attention":
                 mask = mask & (slots // window == p // window)
-            masks[kind] = self._as_attention_mask((mask | scratch)[:, None])  # (B, 1, T, S + 1)
+            mask = (mask & ~scratch) | (scratch & (slots == self.max_seq))  # no Where on bool in onnxruntime
+            masks[kind] = self._as_attention_mask(mask[:, None])  # (B, 1, T, S + 1)
         return next(iter(masks.values())) if len(masks) == 1 else masks
 
     def _as_attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:

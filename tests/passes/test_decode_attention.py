@@ -110,6 +110,7 @@ CASES = [  # B, Hq, Hkv, S, D, filled per row, splits, window
     (3, 6, 2, 300, 24, [0, 299, 64], 4, 50),  # groups of 3, D not a power of two, sliding window, one key seen
     (2, 2, 1, 65, 8, [64, 20], 1, None),      # one split, D under a tensor core's 16
     (1, 8, 1, 517, 64, [516], 7, 100),        # more blocks than splits, uneven
+    (2, 4, 2, 130, 16, [129, 129], 3, 1),     # idle rows: the scratch slot (the last) alone is seen
 ]
 
 
