@@ -1,9 +1,12 @@
-"""Ops that passes put into rank graphs, registered as torch ops (namespace "tpcompile") when this package is
-imported: an engine file that calls one can be loaded (torch.export.load) only after that import.
+"""Ops that passes put into rank graphs, registered as torch ops (namespace "tpcompile") when their module is
+imported: an engine file that calls one can be loaded (torch.export.load) only after that import. This package
+imports allreduce_norm; decode_attention is imported where a graph may call it (its pass, the eager and inductor
+loaders on a GPU, the aoti compile), because registering it as a triton_op imports torch's compiler, which an
+aoti or onnx worker never needs.
 
     decode_attention.py  attention of one query per row over the part of a static KV cache its mask sees: the
                        reference (SDPA) on any device; split-KV Triton kernels (flash_decode.py) on GPUs
     allreduce_norm.py  all-reduce + residual add (+ RMSNorm) as one op: the reference (functional collective,
                        add, norm) on any device; a one-shot peer-memory kernel (lamport.py) on GPUs with P2P
 """
-from tpcompile.kernels import allreduce_norm, decode_attention  # noqa: F401  registers torch.ops.tpcompile.*
+from tpcompile.kernels import allreduce_norm  # noqa: F401  registers torch.ops.tpcompile.*

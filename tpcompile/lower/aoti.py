@@ -148,6 +148,8 @@ def _compile(source: str, package: str, device: str, group_name: str) -> None:
     if dist.group.WORLD.group_name != group_name:
         raise RuntimeError(f"the engine's collectives name process group {group_name!r}, but the compile-time "
                            f"group is {dist.group.WORLD.group_name!r}")
+    if torch.device(device).type == "cuda":
+        import tpcompile.kernels.decode_attention  # noqa: F401  GPU graphs may call it (passes/decode_attention.py)
     program = torch.export.load(source)
     inputs = [n.meta["val"] for n in program.graph.nodes
               if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]

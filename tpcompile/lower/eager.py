@@ -24,6 +24,8 @@ def bind(path: Path, weights: dict, device) -> torch.nn.Module:
     """The saved rank graph as a module holding this rank's tensors on `device`. The same tensor objects
     may be bound into several graphs (prefill and decode share weights and the KV cache)."""
     check_no_pickle(path)  # torch.export.load can unpickle; ours never need to (artifact.check_no_pickle)
+    if torch.device(device).type == "cuda":
+        import tpcompile.kernels.decode_attention  # noqa: F401  GPU graphs may call it (passes/decode_attention.py)
     gm = torch.export.load(path).module()
     retarget_device(gm, str(device))
     if gloo_on_gpu(device):

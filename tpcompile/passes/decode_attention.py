@@ -20,8 +20,6 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-import tpcompile.kernels  # noqa: F401  registers torch.ops.tpcompile.*
-
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 SIGNATURE = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -40,6 +38,7 @@ def decode_attention(gm: GraphModule) -> list[str]:
         scale = _one_query_attention(node)
         if scale is None:
             continue
+        import tpcompile.kernels.decode_attention  # noqa: F401  registers the op (imports torch's compiler)
         a = _arguments(node)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(torch.ops.tpcompile.decode_attention.default,
