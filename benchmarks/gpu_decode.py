@@ -160,9 +160,11 @@ def generate_once(artifact: str, caches: Path, hydra_dir: Path, device="cuda") -
               "generation.prompt=Once upon a time", f"hydra.run.dir={hydra_dir}", env=env)
     print(ran["stdout"][-1500:], ran["stderr"][-1500:] if ran["rc"] else "", flush=True)
     record = hydra_dir / "generate.json"
-    first = json.loads(record.read_text()).get("first_token_seconds") if record.is_file() and ran["rc"] == 0 else None
+    done = json.loads(record.read_text()) if record.is_file() and ran["rc"] == 0 else {}
+    first = done.get("first_token_seconds")
     found = FIRST_TOKEN.search(ran["stdout"])
     row = {"process_seconds": ran["seconds"], "first_token_seconds": first or (float(found[1]) if found else None),
+           "first_token_process_seconds": done.get("first_token_process_seconds"),
            "rc": ran["rc"], "last_line": (ran["stdout"].strip().splitlines() or [""])[-1][-300:]}
     if ran["rc"] != 0:
         row["error"] = (ran["stderr"] or ran["stdout"])[-600:]

@@ -90,3 +90,15 @@ def test_usage_lists_every_command_and_every_option_in_conf():
     for group in ("model", "plan", "backend"):
         line = next(l for l in text.splitlines() if l.strip().startswith(f"{group}="))
         assert sorted(line.split("=", 1)[1].split("|")) == sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_process_age_counts_from_the_process_start():
+    """The age `generate` reports its first token at: a child that sleeps 1.0 s before asking is 1.0 s old or more
+    (plus its interpreter's start), never less, and not far more."""
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    code = "import time; time.sleep(1.0); from tpcompile.util import process_age; print(process_age())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    age = float(out.stdout)
+    assert 1.0 <= age < 8.0, age

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tpcompile.serve import serve
-from tpcompile.util import one_line, provenance
+from tpcompile.util import one_line, process_age, provenance
 
 STARTED = time.perf_counter()  # this module's import: the command's start, before torch is imported
 
@@ -105,7 +105,7 @@ def cmd_generate(job) -> dict:
 
     def stream(step):
         if not first:
-            first.append(time.perf_counter() - STARTED)
+            first.extend([time.perf_counter() - STARTED, process_age()])
         print(text.add(step[0]), end="", flush=True)
 
     t0 = time.perf_counter()
@@ -117,9 +117,9 @@ def cmd_generate(job) -> dict:
     print(text.finish())
     print(f"[{len(tokens)} tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s) on {job.tp} worker(s); "
           f"with start-up {time.perf_counter() - t0:.2f} s; first token after {first[0]:.2f} s from the command's "
-          f"start; artifact {built.path}]")
+          f"start{'' if first[1] is None else f' ({first[1]:.2f} s from the process start)'}; artifact {built.path}]")
     return {"artifact": str(built.path), "prompt_tokens": prompt, "tokens": tokens, "text": text.text,
-            "generate_seconds": seconds, "first_token_seconds": first[0]}
+            "generate_seconds": seconds, "first_token_seconds": first[0], "first_token_process_seconds": first[1]}
 
 
 def cmd_bench(job) -> dict:

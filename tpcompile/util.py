@@ -1,5 +1,5 @@
-"""Leaf helpers every layer may import (this module imports nothing of tpcompile): one-line error text and
-the provenance stamped on every record."""
+"""Leaf helpers every layer may import (this module imports nothing of tpcompile): one-line error text, the
+provenance stamped on every record, and the age of this process (first-token figures)."""
 import os
 import subprocess
 import time
@@ -28,3 +28,13 @@ def provenance() -> dict:
             commit = ""
     return {"torch": torch.__version__, "commit": commit or "unknown",
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def process_age() -> float | None:
+    """Seconds since this process started, from /proc (clock ticks, 10 ms); None where there is no /proc."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # fields 3.. of proc_pid_stat(5)
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time after boot, in ticks
+    except (OSError, ValueError, IndexError):
+        return None
