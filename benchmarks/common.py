@@ -80,23 +80,20 @@ def tpcompile_bench(model: str, backend: str, out: Path, batch=1, prompt=32, new
     folders apart from a run of the same model, backend, batch and prompt with other `extra` overrides."""
     suffix = f"_{tag}" if tag else ""
     results = out / f"tmp_{model}_tp{tp}_{backend}_b{batch}_p{prompt}{suffix}"
-    cmd = [sys.executable, "-m", "tpcompile.cli", "bench", f"model={model}", f"tp={tp}", "dtype=bfloat16",
+    cmd = ["bench", f"model={model}", f"tp={tp}", "dtype=bfloat16",
            "runtime.device=cuda", f"backend={backend}", f"generation.max_batch={batch}", f"generation.max_seq={max_seq}",
            f"generation.prefill_chunk={chunk}", f"bench.prompt_len={prompt}", f"bench.new_tokens={new}",
            f"bench.profile_steps={profile_steps}", f"bench.results_dir={results}", f"out_dir={out / 'engines'}",
            f"hydra.run.dir={out / 'hydra'}/{model}_tp{tp}_{backend}_{batch}_{prompt}{suffix}", *extra]
-    t0 = time.perf_counter()
-    try:
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
-                           env={**os.environ, **NO_MULTICAST})
-    except subprocess.TimeoutExpired:
-        return {"model": model, "tp": tp, "backend": backend, "error": f"timed out after {timeout_s} s"}
-    print(r.stdout[-1500:], r.stderr[-1500:] if r.returncode else "", flush=True)
+    ran = cli(*cmd, timeout_s=timeout_s)
+    print(ran["stdout"][-1500:], ran["stderr"][-1500:] if ran["rc"] else "", flush=True)
     files = glob.glob(str(results / "*.json"))
-    if r.returncode or not files:
-        return {"model": model, "tp": tp, "backend": backend, "error": (r.stderr or r.stdout)[-600:]}
+    if ran["rc"] == "timeout":
+        return {"model": model, "tp": tp, "backend": backend, "error": f"timed out after {timeout_s} s"}
+    if ran["rc"] or not files:
+        return {"model": model, "tp": tp, "backend": backend, "error": (ran["stderr"] or ran["stdout"])[-600:]}
     rec = json.loads(Path(files[0]).read_text())
-    rec["wall_seconds_with_compile"] = time.perf_counter() - t0
+    rec["wall_seconds_with_compile"] = ran["seconds"]
     return rec
 
 

@@ -28,9 +28,9 @@ max_seq 256, chunks of 32, as `ours` and `aoti` bench it, so theirs is reused) p
 generate 16 tokens in a fresh process with empty Inductor and Triton caches (cold) and again with the caches that
 run left (warm): the process's wall time and the first-token time it reports.
 
-Every bench row gets `kv_bytes_filled` (mean KV bytes of the filled prefix per decode step: cache bytes x
-(prompt + new/2) / (max_seq + 1), the +1 being the scratch slot), `floor_ms` ((streamed weights + filled KV) / the
-bench's copy bandwidth; the record's own `floor_ms_filled` when it has one) and `over_floor` (ms per token over it).
+Every bench row gets, from the bench record's own floor (`floor_ms_filled`): `kv_bytes_filled` (mean KV bytes of
+the filled slots per decode step), `floor_ms` ((streamed weights + filled KV) / the bench's copy bandwidth) and
+`over_floor` (ms per token over it).
 A prompt of 16,000 tokens fits a 16,384-slot artifact with 64 new tokens (`tpcompile bench` checks
 prompt + new - 1 <= max_seq; the chunks' left padding goes to the scratch slot).
 
@@ -263,22 +263,12 @@ PARTS = {  # part -> (record name, rows for one model)
 # ------------------------------------------------------------------------------------------ rows and records
 
 def floor(r: dict) -> None:
-    """Mean KV bytes of the filled prefix per decode step (the cache has max_seq + 1 slots, the last a scratch
-    slot), the step's floor: (streamed weights + filled KV) / the bench's copy bandwidth, and ms per token over
-    it. The bench record's own floor (floor_ms_filled) when it carries one."""
-    need = ("cache_bytes_per_rank", "bytes_per_step", "max_seq", "prompt_len", "new_tokens", "ms_per_token")
-    if not all(k in r for k in need):
-        return
-    filled = min(1.0, (r["prompt_len"] + r["new_tokens"] / 2) / (r["max_seq"] + 1))
-    r.setdefault("kv_bytes_filled", r["cache_bytes_per_rank"] * filled)
-    if r.get("floor_ms") is None and r.get("floor_ms_filled") is not None:
-        r["floor_ms"], r["floor_from"] = r["floor_ms_filled"], "bench record (floor_ms_filled)"
-    elif r.get("floor_ms") is None:
-        # streamed weights: every weight but the embedding tables, of which one row per token is read
-        weights = r["bytes_per_step"] - r["cache_bytes_per_rank"]
-        r["floor_ms"] = (weights + r["kv_bytes_filled"]) / (r["copy_bandwidth_GBps"] * 1e9) * 1e3
-        r["floor_from"] = "gpu_decode.py: (bytes_per_step - cache_bytes_per_rank + kv_bytes_filled) / copy bandwidth"
-    r["over_floor"] = r["ms_per_token"] / r["floor_ms"]
+    """The step's floor from the bench record: (streamed weights + the filled cache slots) / the bench's copy
+    bandwidth, the filled cache bytes, and ms per token (whole run) over the floor."""
+    if r.get("floor_ms_filled") and r.get("ms_per_token"):
+        r["floor_ms"] = r["floor_ms_filled"]
+        r["kv_bytes_filled"] = r["bytes_per_step_filled"] - r["bytes_per_step"] + r["cache_bytes_per_rank"]
+        r["over_floor"] = r["ms_per_token"] / r["floor_ms"]
 
 
 def enrich(r: dict, base: dict) -> dict:

@@ -37,12 +37,8 @@ def _unit_last(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _reference_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-    return reference(q, k, v, mask, scale)
-
-
 if HAS_TRITON:
     decode_attention = torch.library.triton_op(NAME, _op, mutates_args=())
 else:
-    decode_attention = torch.library.custom_op(NAME, _reference_op, mutates_args=())
+    decode_attention = torch.library.custom_op(NAME, reference, mutates_args=())
     decode_attention.register_fake(lambda q, k, v, mask, scale: torch.empty_like(q))

@@ -3,10 +3,8 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule
 
-from tpcompile.passes import decode_attention as _decode_attention
-from tpcompile.passes import fuse_allreduce_norm as _fuse_allreduce_norm
-from tpcompile.passes.decode_attention import decode_attention
-from tpcompile.passes.fuse_allreduce_norm import fuse_allreduce_norm
+from tpcompile.passes.decode_attention import decode_attention, wanted as attention_wanted
+from tpcompile.passes.fuse_allreduce_norm import fuse_allreduce_norm, wanted as allreduce_wanted
 from tpcompile.passes.insert_collectives import insert_collectives
 from tpcompile.passes.mask_vocab_lookup import mask_vocab_lookup
 from tpcompile.passes.propagate import (NeedFewerWays, NeedPlacement, Propagation, ShardingError,
@@ -30,9 +28,9 @@ DEFAULT_PASSES = frozenset({"fold_repeat_kv", "fuse_linears"})  # on any backend
 def optional_passes(backend: str, device: str, skip=(), fuse_allreduce: bool = False) -> frozenset[str]:
     """The optional passes a build for `backend` on `device` runs: those that help there, less `skip`."""
     on = set(DEFAULT_PASSES)
-    if _decode_attention.wanted(backend, device):
+    if attention_wanted(backend, device):
         on.add("decode_attention")
-    if fuse_allreduce and _fuse_allreduce_norm.wanted(backend, device):
+    if fuse_allreduce and allreduce_wanted(backend, device):
         on.add("fuse_allreduce_norm")
     return frozenset(on - set(skip))
 
