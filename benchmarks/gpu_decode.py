@@ -11,13 +11,13 @@ backend in ours, ablation, batch and long. Our rows are `tpcompile bench` (bf16,
 | part | what | record |
 |---|---|---|
 | ours | batch 1, 32-token prompt, 128 new tokens, 8 profiled steps (kernels per step) | decode |
-| ablation | ours with `backend.skip_passes=[fold_repeat_kv]`, then `[fuse_linears]` (run with ours) | decode |
+| ablation | ours with `backend.skip_passes=[fold_repeat_kv]`, then `[fuse_linears]`, then `[decode_attention]` (run with ours) | decode |
 | eager | our graph under `backend=eager`, 16 new tokens | decode |
 | aoti | ours under `backend=aoti_cudagraphs` | decode |
 | hf | transformers' generate, static cache, compiled, random weights | decode |
 | checkpoint | the same shape saved as a transformers checkpoint, compiled through `model=hf` | decode |
 | peer | the hand-written gpt-fast-style decoder of `--peer`, in its own process | decode |
-| batch | batch 8 and 32 (32-token prompt, 64 new, max_seq 128), ours and transformers | decode-batch |
+| batch | `--batches` (8 and 32; 32-token prompt, 64 new, max_seq 128), ours and transformers | decode-batch |
 | prefill | a 2048-token prompt in chunks of 512 | decode-prefill |
 | long | prompts of 1000, 4000, 16000 tokens in one max_seq-16384 artifact, decode_attention on and off | decode-long |
 | first_token | `tpcompile generate artifact=DIR` in a fresh process, caches cold then warm | first-token |
@@ -196,7 +196,7 @@ def part_ours(model, args, work):
 
 def part_ablation(model, args, work):
     """ours with one pass left out"""
-    for skipped in ("fold_repeat_kv", "fuse_linears"):
+    for skipped in ("fold_repeat_kv", "fuse_linears", "decode_attention"):
         yield {"engine": f"tpcompile {args.backend}, skip {skipped}", "skip_passes": [skipped],
                **tpcompile_bench(model, args.backend, work, profile_steps=8,
                                  extra=(f"backend.skip_passes=[{skipped}]",), tag=f"skip-{skipped}")}
@@ -226,7 +226,7 @@ def part_hf(model, args, work, batch=1, new=128):
 
 
 def part_batch(model, args, work):
-    for b in (8, 32):
+    for b in args.batches:
         yield {"engine": f"tpcompile {args.backend}",
                **tpcompile_bench(model, args.backend, work, batch=b, new=64, max_seq=128)}
         yield from part_hf(model, args, work, batch=b, new=64)
@@ -350,6 +350,7 @@ def parse_args() -> argparse.Namespace:
                                                                      "batch and long")
     ap.add_argument("--first-token-backends", nargs="+", default=["aoti_cudagraphs", "inductor_cudagraphs"],
                     help="the backends the part first_token compiles and starts")
+    ap.add_argument("--batches", nargs="+", type=int, default=[8, 32], help="the batch sizes of the part batch")
     ap.add_argument("--long-prompts", nargs="+", type=int, default=[1000, 4000, 16000],
                     help="prompt lengths of the part long")
     ap.add_argument("--first-token-shape", nargs=2, type=int, default=[256, 32], metavar=("MAX_SEQ", "CHUNK"),
