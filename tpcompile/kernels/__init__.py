@@ -1,7 +1,7 @@
 """Ops that passes put into rank graphs, registered as torch ops (namespace "tpcompile") when their module is
 imported: an engine file that calls one can be loaded (torch.export.load) only after that import. This package
-imports allreduce_norm; decode_attention is imported where a graph may call it (its pass, the eager and inductor
-loaders on a GPU, the aoti compile), because registering it as a triton_op imports torch's compiler, which an
+imports allreduce_norm; decode_attention is imported where a graph may call it (its pass, and `gpu_ops` from
+the eager and inductor loaders and the aoti compile on a GPU), because registering it as a triton_op imports torch's compiler, which an
 aoti or onnx worker never needs.
 
     decode_attention.py  attention of one query per row over the part of a static KV cache its mask sees: the
@@ -10,3 +10,11 @@ aoti or onnx worker never needs.
                        add, norm) on any device; a one-shot peer-memory kernel (lamport.py) on GPUs with P2P
 """
 from tpcompile.kernels import allreduce_norm  # noqa: F401  registers torch.ops.tpcompile.*
+
+
+def gpu_ops(device) -> None:
+    """Register the ops that only GPU graphs call (decode_attention) before a graph on `device` is loaded or
+    compiled; nothing on other devices."""
+    import torch
+    if torch.device(device).type == "cuda":
+        import tpcompile.kernels.decode_attention  # noqa: F401  registers torch.ops.tpcompile.decode_attention

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.export import ExportedProgram
 
 from tpcompile.capture import retarget_device
+from tpcompile.kernels import gpu_ops
 from tpcompile.lower import eager, inductor
 
 _SAVE_LOCK = threading.Lock()
@@ -148,8 +149,7 @@ def _compile(source: str, package: str, device: str, group_name: str) -> None:
     if dist.group.WORLD.group_name != group_name:
         raise RuntimeError(f"the engine's collectives name process group {group_name!r}, but the compile-time "
                            f"group is {dist.group.WORLD.group_name!r}")
-    if torch.device(device).type == "cuda":
-        import tpcompile.kernels.decode_attention  # noqa: F401  GPU graphs may call it (passes/decode_attention.py)
+    gpu_ops(device)  # GPU graphs may call ops that only GPU builds put in (passes/decode_attention.py)
     program = torch.export.load(source)
     inputs = [n.meta["val"] for n in program.graph.nodes
               if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch.export import ExportedProgram
 
-import tpcompile.kernels  # noqa: F401  registers torch.ops.tpcompile.*, which a rank graph may call
+from tpcompile.kernels import gpu_ops  # the package registers torch.ops.tpcompile.*, which a rank graph may call
 from tpcompile.artifact import check_no_pickle
 from tpcompile.capture import retarget_device, set_tensor
 from tpcompile.passes.stage_collectives_on_host import stage_collectives_on_host
@@ -24,8 +24,7 @@ def bind(path: Path, weights: dict, device) -> torch.nn.Module:
     """The saved rank graph as a module holding this rank's tensors on `device`. The same tensor objects
     may be bound into several graphs (prefill and decode share weights and the KV cache)."""
     check_no_pickle(path)  # torch.export.load can unpickle; ours never need to (artifact.check_no_pickle)
-    if torch.device(device).type == "cuda":
-        import tpcompile.kernels.decode_attention  # noqa: F401  GPU graphs may call it (passes/decode_attention.py)
+    gpu_ops(device)  # GPU graphs may call ops that only GPU builds put in (passes/decode_attention.py)
     gm = torch.export.load(path).module()
     retarget_device(gm, str(device))
     if gloo_on_gpu(device):
