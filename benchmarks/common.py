@@ -75,9 +75,10 @@ def ceilings() -> dict:
 
 
 def tpcompile_bench(model: str, backend: str, out: Path, batch=1, prompt=32, new=128, max_seq=256, chunk=32, tp=1,
-                    profile_steps=0, extra=(), timeout_s=900, tag="") -> dict:
+                    profile_steps=0, extra=(), timeout_s=900, tag="", env=None) -> dict:
     """`tpcompile bench` on cuda in a subprocess (bf16); its JSON record, or {"error": ...}. tag names the run's
-    folders apart from a run of the same model, backend, batch and prompt with other `extra` overrides."""
+    folders apart from a run of the same model, backend, batch and prompt with other `extra` overrides or `env`
+    (added to the subprocess's environment)."""
     suffix = f"_{tag}" if tag else ""
     results = out / f"tmp_{model}_tp{tp}_{backend}_b{batch}_p{prompt}{suffix}"
     cmd = ["bench", f"model={model}", f"tp={tp}", "dtype=bfloat16",
@@ -85,7 +86,7 @@ def tpcompile_bench(model: str, backend: str, out: Path, batch=1, prompt=32, new
            f"generation.prefill_chunk={chunk}", f"bench.prompt_len={prompt}", f"bench.new_tokens={new}",
            f"bench.profile_steps={profile_steps}", f"bench.results_dir={results}", f"out_dir={out / 'engines'}",
            f"hydra.run.dir={out / 'hydra'}/{model}_tp{tp}_{backend}_{batch}_{prompt}{suffix}", *extra]
-    ran = cli(*cmd, timeout_s=timeout_s)
+    ran = cli(*cmd, env=env, timeout_s=timeout_s)
     print(ran["stdout"][-1500:], ran["stderr"][-1500:] if ran["rc"] else "", flush=True)
     files = glob.glob(str(results / "*.json"))
     if ran["rc"] == "timeout":

@@ -11,9 +11,9 @@ backend in ours, ablation, batch and long. Our rows are `tpcompile bench` (bf16,
 | part | what | record |
 |---|---|---|
 | ours | batch 1, 32-token prompt, 128 new tokens, 8 profiled steps (kernels per step) | decode |
-| ablation | ours with `backend.skip_passes=[fold_repeat_kv]`, then `[fuse_linears]`, then `[decode_attention]` (run with ours) | decode |
+| ablation | ours with `backend.skip_passes=[P]` for each P of `--skips` (fold_repeat_kv fuse_linears decode_attention), then ours under each Inductor setting of `--inductor-options` (run with ours) | decode |
 | eager | our graph under `backend=eager`, 16 new tokens | decode |
-| aoti | ours under `backend=aoti_cudagraphs` | decode |
+| aoti | ours under `backend=aoti_cudagraphs`, 8 profiled steps | decode |
 | hf | transformers' generate, static cache, compiled, random weights | decode |
 | checkpoint | the same shape saved as a transformers checkpoint, compiled through `model=hf` | decode |
 | peer | the hand-written gpt-fast-style decoder of `--peer`, in its own process | decode |
@@ -195,15 +195,20 @@ def part_ours(model, args, work):
 
 
 def part_ablation(model, args, work):
-    """ours with one pass left out"""
-    for skipped in ("fold_repeat_kv", "fuse_linears", "decode_attention"):
+    """ours with one pass left out, then ours under other Inductor settings (TPCOMPILE_INDUCTOR_OPTIONS, part of the
+    artifact's key)"""
+    for skipped in args.skips:
         yield {"engine": f"tpcompile {args.backend}, skip {skipped}", "skip_passes": [skipped],
                **tpcompile_bench(model, args.backend, work, profile_steps=8,
                                  extra=(f"backend.skip_passes=[{skipped}]",), tag=f"skip-{skipped}")}
+    for i, options in enumerate(args.inductor_options):
+        yield {"engine": f"tpcompile {args.backend}, Inductor {options}", "inductor_options": json.loads(options),
+               **tpcompile_bench(model, args.backend, work, profile_steps=8, tag=f"options-{i}",
+                                 env={"TPCOMPILE_INDUCTOR_OPTIONS": options})}
 
 
 def part_aoti(model, args, work):
-    yield {"engine": "tpcompile aoti_cudagraphs", **tpcompile_bench(model, "aoti_cudagraphs", work)}
+    yield {"engine": "tpcompile aoti_cudagraphs", **tpcompile_bench(model, "aoti_cudagraphs", work, profile_steps=8)}
 
 
 def part_checkpoint(model, args, work):
@@ -338,6 +343,13 @@ def summary(rows: list[dict]) -> None:
                   + (f"  ERROR {r['error'][:120]!r}" if "error" in r else ""))
 
 
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -351,6 +363,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--first-token-backends", nargs="+", default=["aoti_cudagraphs", "inductor_cudagraphs"],
                     help="the backends the part first_token compiles and starts")
     ap.add_argument("--batches", nargs="+", type=int, default=[8, 32], help="the batch sizes of the part batch")
+    ap.add_argument("--skips", nargs="*", default=["fold_repeat_kv", "fuse_linears", "decode_attention"],
+                    help="the passes the part ablation leaves out, one row each")
+    ap.add_argument("--inductor-options", nargs="*", default=[], metavar="JSON",
+                    help='Inductor settings the part ablation also runs, one row each, e.g. \'{"combo_kernels": true}\'')
     ap.add_argument("--long-prompts", nargs="+", type=int, default=[1000, 4000, 16000],
                     help="prompt lengths of the part long")
     ap.add_argument("--first-token-shape", nargs=2, type=int, default=[256, 32], metavar=("MAX_SEQ", "CHUNK"),
@@ -365,6 +381,9 @@ def parse_args() -> argparse.Namespace:
 
 def main():
     args = parse_args()
+    for options in args.inductor_options:
+        if not isinstance(_json_or_none(options), dict):
+            sys.exit(f"--inductor-options {options!r} is not a JSON object; write one such as '{{\"combo_kernels\": true}}'")
     out = Path(args.out).resolve()  # the bench subprocesses run in the repository root
     work = Path(args.work).resolve() if args.work else out
     for folder in (out, work):
