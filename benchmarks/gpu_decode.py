@@ -56,6 +56,8 @@ from pathlib import Path
 
 import torch
 
+from tpcompile.lower.inductor import user_options
+
 from common import REPO, ceilings, cli, device_tag, provenance, result_path, tpcompile_bench  # benchmarks/common.py
 
 SHAPES = {  # the presets in conf/model, for transformers' LlamaConfig
@@ -343,11 +345,13 @@ def summary(rows: list[dict]) -> None:
                   + (f"  ERROR {r['error'][:120]!r}" if "error" in r else ""))
 
 
-def _json_or_none(text: str):
+def inductor_options(text: str) -> str:
+    """An --inductor-options value, checked as the bench subprocess will read it (TPCOMPILE_INDUCTOR_OPTIONS)."""
     try:
-        return json.loads(text)
-    except ValueError:
-        return None
+        user_options(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def parse_args() -> argparse.Namespace:
@@ -365,7 +369,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batches", nargs="+", type=int, default=[8, 32], help="the batch sizes of the part batch")
     ap.add_argument("--skips", nargs="*", default=["fold_repeat_kv", "fuse_linears", "decode_attention"],
                     help="the passes the part ablation leaves out, one row each")
-    ap.add_argument("--inductor-options", nargs="*", default=[], metavar="JSON",
+    ap.add_argument("--inductor-options", nargs="*", default=[], metavar="JSON", type=inductor_options,
                     help='Inductor settings the part ablation also runs, one row each, e.g. \'{"combo_kernels": true}\'')
     ap.add_argument("--long-prompts", nargs="+", type=int, default=[1000, 4000, 16000],
                     help="prompt lengths of the part long")
@@ -381,9 +385,6 @@ def parse_args() -> argparse.Namespace:
 
 def main():
     args = parse_args()
-    for options in args.inductor_options:
-        if not isinstance(_json_or_none(options), dict):
-            sys.exit(f"--inductor-options {options!r} is not a JSON object; write one such as '{{\"combo_kernels\": true}}'")
     out = Path(args.out).resolve()  # the bench subprocesses run in the repository root
     work = Path(args.work).resolve() if args.work else out
     for folder in (out, work):

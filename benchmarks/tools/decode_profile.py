@@ -5,7 +5,6 @@ itself again with it, as the runtime's workers are started.
 
     TORCH_LOGS=perf_hints python benchmarks/tools/decode_profile.py model=llama_1b backend=inductor_cudagraphs
 """
-import os
 import sys
 import time
 
@@ -16,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from tpcompile.pipeline import build_generation
 from tpcompile.config import CONF_DIR, register
-from tpcompile.lower import worker_env
+from tpcompile.lower import start_again_with_worker_env
 from tpcompile.runtime.engine import RankEngine
 from tpcompile.runtime.generate import Generation
 
@@ -27,9 +26,7 @@ def main(overrides):
         job = OmegaConf.to_object(compose("config", overrides=["tp=1", "dtype=bfloat16", "runtime.device=cuda",
                                                                "generation.max_batch=1", "generation.max_seq=256", "generation.prefill_chunk=32",
                                                                *overrides]))
-    extra = worker_env(job.backend.name, "cuda")
-    if extra:  # empty once set
-        os.execve(sys.executable, [sys.executable, __file__, *overrides], {**os.environ, **extra})
+    start_again_with_worker_env(job.backend.name, "cuda", [__file__, *overrides])
     path = build_generation(job).path
     engine = RankEngine(rank=0, world_size=1, device="cuda", artifact=str(path))
     gen = Generation(engine, 0, 1)

@@ -9,6 +9,8 @@
 
 Optional packages are imported inside lower/load.
 """
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,6 +52,15 @@ def worker_env(name: str, device: str) -> dict:
     """Environment a backend's worker processes need before they start (on top of the session's env)."""
     env = backend(name).worker_env
     return env(device) if env is not None else {}
+
+
+def start_again_with_worker_env(name: str, device: str, argv: list[str]) -> None:
+    """For a process that loads `name`'s engines itself (a torchrun rank, a diagnostic): when it lacks the
+    environment worker_env gives workers, replace it by `python argv...` with that environment; return when it
+    has it (worker_env is empty once set)."""
+    extra = worker_env(name, device)
+    if extra:
+        os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **extra})
 
 
 def build_info(name: str, device: str) -> dict:

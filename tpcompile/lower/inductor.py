@@ -29,8 +29,9 @@ def options(device, cudagraphs: bool = False) -> dict:
             | user_options())
 
 
-def user_options() -> dict:
-    text = os.environ.get(OPTIONS_ENV, "").strip()
+def user_options(text: str | None = None) -> dict:
+    """The Inductor settings of OPTIONS_ENV (or of `text`, written as that variable would be)."""
+    text = (os.environ.get(OPTIONS_ENV, "") if text is None else text).strip()
     try:
         extra = json.loads(text) if text else {}
     except json.JSONDecodeError as e:

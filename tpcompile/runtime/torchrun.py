@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from tpcompile.artifact import read_manifest
 from tpcompile.capture import example_inputs
-from tpcompile.lower import worker_env
+from tpcompile.lower import start_again_with_worker_env
 from tpcompile.runtime.worker import one_line, serve_standalone
 
 
@@ -37,10 +37,8 @@ def main(argv=None) -> int:
             raise ValueError(f"{args.artifact}: has graphs {sorted(manifest.graphs)}, not 'forward'; compile it with "
                              f"`tpcompile compile` (generation artifacts are served by `tpcompile generate`)")
         device = args.device or manifest.device
-        extra = worker_env(manifest.backend, device)
-        if extra:  # must be set before the process starts (aoti on CUDA): start this rank again with it
-            os.execve(sys.executable, [sys.executable, "-m", "tpcompile.runtime.torchrun", *argv],
-                      {**os.environ, **extra})
+        # aoti on CUDA needs its environment set before the process starts: start this rank again with it
+        start_again_with_worker_env(manifest.backend, device, ["-m", "tpcompile.runtime.torchrun", *argv])
         specs = manifest.graphs["forward"]["inputs"]
         if args.inputs:
             tensors = load_file(args.inputs)
