@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -192,8 +193,17 @@ def first_token(model: str, backend: str, work: Path, device="cuda", dtype="bflo
 
 # ------------------------------------------------------------------------------------------ parts
 
+def bench(args, model: str, backend: str, work: Path, extra=(), tag="", **kw) -> dict:
+    """tpcompile_bench with the call's --overrides before the row's own `extra` (rows with overrides carry them and
+    get their own folders)."""
+    if args.overrides:
+        tag = "-".join(filter(None, (tag, f"overrides-{zlib.crc32(' '.join(args.overrides).encode()):08x}")))
+    rec = tpcompile_bench(model, backend, work, extra=(*args.overrides, *extra), tag=tag, **kw)
+    return {**rec, "overrides": args.overrides} if args.overrides else rec
+
+
 def part_ours(model, args, work):
-    yield {"engine": f"tpcompile {args.backend}", **tpcompile_bench(model, args.backend, work, profile_steps=8)}
+    yield {"engine": f"tpcompile {args.backend}", **bench(args, model, args.backend, work, profile_steps=8)}
 
 
 def part_ablation(model, args, work):
@@ -201,16 +211,16 @@ def part_ablation(model, args, work):
     artifact's key)"""
     for skipped in args.skips:
         yield {"engine": f"tpcompile {args.backend}, skip {skipped}", "skip_passes": [skipped],
-               **tpcompile_bench(model, args.backend, work, profile_steps=8,
+               **bench(args, model, args.backend, work, profile_steps=8,
                                  extra=(f"backend.skip_passes=[{skipped}]",), tag=f"skip-{skipped}")}
     for i, options in enumerate(args.inductor_options):
         yield {"engine": f"tpcompile {args.backend}, Inductor {options}", "inductor_options": json.loads(options),
-               **tpcompile_bench(model, args.backend, work, profile_steps=8, tag=f"options-{i}",
+               **bench(args, model, args.backend, work, profile_steps=8, tag=f"options-{i}",
                                  env={"TPCOMPILE_INDUCTOR_OPTIONS": options})}
 
 
 def part_aoti(model, args, work):
-    yield {"engine": "tpcompile aoti_cudagraphs", **tpcompile_bench(model, "aoti_cudagraphs", work, profile_steps=8)}
+    yield {"engine": "tpcompile aoti_cudagraphs", **bench(args, model, "aoti_cudagraphs", work, profile_steps=8)}
 
 
 def part_checkpoint(model, args, work):
@@ -222,7 +232,7 @@ def part_peer(model, args, work):
 
 
 def part_eager(model, args, work):
-    yield {"engine": "tpcompile eager", **tpcompile_bench(model, "eager", work, new=16)}
+    yield {"engine": "tpcompile eager", **bench(args, model, "eager", work, new=16)}
 
 
 def part_hf(model, args, work, batch=1, new=128):
@@ -235,13 +245,13 @@ def part_hf(model, args, work, batch=1, new=128):
 def part_batch(model, args, work):
     for b in args.batches:
         yield {"engine": f"tpcompile {args.backend}",
-               **tpcompile_bench(model, args.backend, work, batch=b, new=64, max_seq=128)}
+               **bench(args, model, args.backend, work, batch=b, new=64, max_seq=128)}
         yield from part_hf(model, args, work, batch=b, new=64)
 
 
 def part_prefill(model, args, work):
     yield {"engine": "tpcompile inductor_cudagraphs",
-           **tpcompile_bench(model, "inductor_cudagraphs", work, prompt=2048, new=8, max_seq=2560, chunk=512)}
+           **bench(args, model, "inductor_cudagraphs", work, prompt=2048, new=8, max_seq=2560, chunk=512)}
 
 
 def part_long(model, args, work):
@@ -250,7 +260,7 @@ def part_long(model, args, work):
         extra = () if attention == "on" else ("backend.skip_passes=[decode_attention]",)
         for prompt in args.long_prompts:
             yield {"engine": f"tpcompile {args.backend}, decode_attention {attention}", "decode_attention": attention,
-                   **tpcompile_bench(model, args.backend, work, prompt=prompt, new=64, max_seq=args.long_max_seq,
+                   **bench(args, model, args.backend, work, prompt=prompt, new=64, max_seq=args.long_max_seq,
                                      chunk=512, extra=extra, tag=f"attention-{attention}")}
 
 
@@ -371,6 +381,9 @@ def parse_args() -> argparse.Namespace:
                     help="the passes the part ablation leaves out, one row each")
     ap.add_argument("--inductor-options", nargs="*", default=[], metavar="JSON", type=inductor_options,
                     help='Inductor settings the part ablation also runs, one row each, e.g. \'{"combo_kernels": true}\'')
+    ap.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="Hydra overrides for every tpcompile row, e.g. model.graph.n_layers=8 (a cheaper engine "
+                         "with the model's layer shapes for A/B rows in one call)")
     ap.add_argument("--long-prompts", nargs="+", type=int, default=[1000, 4000, 16000],
                     help="prompt lengths of the part long")
     ap.add_argument("--first-token-shape", nargs=2, type=int, default=[256, 32], metavar=("MAX_SEQ", "CHUNK"),
