@@ -38,10 +38,12 @@ def device_tag(count: int = 1) -> str:
 
 def result_path(what: str, model: str, device: str, date: str | None = None, results: Path = RESULTS) -> Path:
     """results/<what>_<model>_<device>_<date>.json. Underscores separate the fields, so inside a field they become
-    hyphens (llama_8b -> llama-8b); several models join with "+"; "none" where no model is involved. date is
-    YYYY-MM-DD (today, UTC, by default); a second record with the same name gets -2, -3, ... after the date."""
+    hyphens (llama_8b -> llama-8b); several models join with "+", written "." (the GPU machine sends back only
+    files named with letters, digits, ".", "-" and "_"; older records have the "+"); "none" where no model is
+    involved. date is YYYY-MM-DD (today, UTC, by default); a second record with the same name gets -2, -3, ...
+    after the date."""
     def field(text: str) -> str:
-        return re.sub(r"[^a-z0-9+.-]+", "-", text.lower().replace("_", "-")).strip("-")
+        return re.sub(r"[^a-z0-9.-]+", "-", text.lower().replace("_", "-").replace("+", ".")).strip("-")
     date = date or time.strftime("%Y-%m-%d", time.gmtime())
     stem = f"{field(what)}_{field(model)}_{field(device)}_{date}"
     path, n = Path(results) / f"{stem}.json", 1

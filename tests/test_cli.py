@@ -50,7 +50,8 @@ def test_bad_input_is_one_line_and_nonzero(run_cli, tmp_path, overrides, message
 @pytest.mark.slow
 def test_bad_inductor_options_are_one_line(run_cli, tmp_path):
     env = {"TPCOMPILE_INDUCTOR_OPTIONS": "{coordinate_descent_tuning: 1}"}
-    r = run_cli("compile", f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env)
+    r = run_cli("compile", "backend=inductor", f"out_dir={tmp_path}/engines", f"hydra.run.dir={tmp_path}/run",
+                cwd=tmp_path, env=env)
     assert r.returncode != 0
     assert "TPCOMPILE_INDUCTOR_OPTIONS='{coordinate_descent_tuning: 1}' is not JSON" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -59,11 +60,11 @@ def test_bad_inductor_options_are_one_line(run_cli, tmp_path):
 
 @pytest.mark.slow
 def test_inductor_options_are_part_of_the_artifact_key(run_cli, tmp_path):
-    """An AOTInductor engine is compiled with these settings, so other settings must not reuse it."""
+    """An Inductor or AOTInductor engine is compiled with these settings, so other settings must not reuse it."""
     out = tmp_path / "engines"
     for i, value in enumerate(["", '{"coordinate_descent_tuning": true}']):
         env = {"TPCOMPILE_INDUCTOR_OPTIONS": value}
-        r = run_cli("compile", "tp=1", f"out_dir={out}", f"hydra.run.dir={tmp_path}/run{i}", cwd=tmp_path, env=env)
+        r = run_cli("compile", "tp=1", "backend=inductor", f"out_dir={out}", f"hydra.run.dir={tmp_path}/run{i}", cwd=tmp_path, env=env)
         assert r.returncode == 0, r.stderr
     assert len([d for d in out.iterdir() if (d / "manifest.json").is_file()]) == 2
 

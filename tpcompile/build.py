@@ -15,8 +15,7 @@ from torch.fx import GraphModule
 from tpcompile.artifact import MANIFEST, Manifest, cache_key, publish, staging_dir
 from tpcompile.autoplan import resolve_rules
 from tpcompile.capture import rank_program
-from tpcompile.lower import backend as get_backend, build_info
-from tpcompile.lower.inductor import options as inductor_options
+from tpcompile.lower import backend as get_backend, build_info, inductor_options
 from tpcompile.passes import DEFAULT_PASSES, Partition, optional_passes, partition
 from tpcompile.passes.fold_repeat_kv import fold_repeat_kv
 from tpcompile.passes.fuse_linears import fuse_linears
@@ -119,7 +118,7 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
     key = cache_key({**key_parts, "graphs": {n: [g.gm.code, g.input_specs] for n, g in graphs.items()},
                      "rules": [[r.match, r.style] + ([list(r.parts)] if r.parts else []) for r in rules], "tp": tp,
                      "backend": backend, "dtype": str(dtype), "device": device, "generation": generation,
-                     "passes": sorted(passes), "inductor_options": inductor_options(device)})
+                     "passes": sorted(passes), "inductor_options": inductor_options(backend, device)})
     final = Path(out_root) / key
     if (final / MANIFEST).is_file():
         log(f"artifact {final} exists: reusing it")

@@ -126,6 +126,7 @@ def cmd_bench(job) -> dict:
     """prefill / decode latency percentiles, tokens/s, memory, collective share; bench.json"""
     from tpcompile import pipeline
     from tpcompile.bench import summarize, table
+    from tpcompile.lower import inductor_options
     b, g = job.bench, job.generation
     needed = b.prompt_len + max(b.new_tokens, b.profile_steps + 1) - 1  # slots a run fills (pads use the scratch)
     if needed > g.max_seq:
@@ -141,7 +142,8 @@ def cmd_bench(job) -> dict:
     record = summarize(replies[0], batch=g.max_batch, prompt_len=b.prompt_len, new_tokens=b.new_tokens)
     record.update(start_seconds=ready, load_seconds_per_rank=[r["load_seconds"] for r in replies])
     record.update(artifact=str(built.path), model=job.model.name, tp=job.tp, backend=job.backend.name,
-                  dtype=job.dtype, max_seq=g.max_seq, **provenance())
+                  dtype=job.dtype, max_seq=g.max_seq, passes=sorted(job.backend.passes(job.runtime.device)),
+                  inductor_options=inductor_options(job.backend.name, job.runtime.device), **provenance())
     print(table(record))
     if b.results_dir:
         out = Path(b.results_dir)

@@ -239,3 +239,22 @@ def test_aoti_cuda_workers_preload_the_libstdcxx_torch_uses(monkeypatch):
     assert worker_env("aoti", "cuda")["LD_PRELOAD"] == f"{lib} /opt/user/libx.so"
     monkeypatch.setenv("LD_PRELOAD", lib)
     assert worker_env("aoti", "cuda") == {}
+
+
+def test_inductor_settings_per_backend(monkeypatch):
+    """What each backend's engines compile with (the artifact key holds it): coordinate-descent tuning on a GPU;
+    programmatic dependent launch only where torch.compile launches the kernels (AOTInductor's C++ launcher does
+    not pass the attribute); the user's TPCOMPILE_INDUCTOR_OPTIONS over both; nothing for a backend without
+    Inductor."""
+    import torch._inductor.config as config
+    from tpcompile.lower import inductor_options
+    monkeypatch.delenv("TPCOMPILE_INDUCTOR_OPTIONS", raising=False)
+    pdl = {"triton.enable_pdl": True} if hasattr(config.triton, "enable_pdl") else {}
+    for name in ("inductor", "inductor_cudagraphs"):
+        assert inductor_options(name, "cuda") == {"coordinate_descent_tuning": True, **pdl}
+        assert inductor_options(name, "cpu") == {"coordinate_descent_tuning": False}
+    for name in ("aoti", "aoti_cudagraphs"):
+        assert inductor_options(name, "cuda") == {"coordinate_descent_tuning": True}
+    assert inductor_options("eager", "cuda") == {} == inductor_options("onnx", "cuda")
+    monkeypatch.setenv("TPCOMPILE_INDUCTOR_OPTIONS", '{"triton.enable_pdl": false}')
+    assert inductor_options("inductor_cudagraphs", "cuda")["triton.enable_pdl"] is False

@@ -25,16 +25,21 @@ class Backend:
     runtime_packages: tuple[str, ...] = ()  # needed at load: versions recorded at compile, must match at load
     native_code: bool = False        # engines hold machine code for the compile machine's CPU ISA or GPU sm
     concurrent_lower: bool = False   # lower() waits on a compiler subprocess: an artifact's graphs lower side by side
+    inductor_options: Callable[[str], dict] | None = None  # device -> the Inductor settings its engines compile with
 
 
 BACKENDS = {
     "eager": Backend(eager.lower, eager.load),           # torch.export.save; run the graph as is
-    "inductor": Backend(inductor.lower, inductor.load),  # same file; torch.compile at load time
-    "inductor_cudagraphs": Backend(inductor.lower, inductor.load_cudagraphs),  # + CUDA graphs (reduce-overhead)
+    "inductor": Backend(inductor.lower, inductor.load,   # same file; torch.compile at load time
+                        inductor_options=inductor.options),
+    "inductor_cudagraphs": Backend(inductor.lower, inductor.load_cudagraphs,  # + CUDA graphs (reduce-overhead)
+                                   inductor_options=inductor.options),
     "aoti": Backend(aoti.lower, aoti.load, worker_env=aoti.worker_env,  # AOTInductor .pt2 package, compiled
-                    native_code=True, concurrent_lower=True),           # once; weights bound at load
+                    native_code=True, concurrent_lower=True,            # once; weights bound at load
+                    inductor_options=aoti.inductor_options),
     "aoti_cudagraphs": Backend(aoti.lower, aoti.load_cudagraphs, worker_env=aoti.worker_env,  # the same package,
-                               native_code=True, concurrent_lower=True),  # replayed as a CUDA graph on a GPU
+                               native_code=True, concurrent_lower=True,  # replayed as a CUDA graph on a GPU
+                               inductor_options=aoti.inductor_options),
     "onnx": Backend(onnx.lower, onnx.load,               # ONNX segments between collectives; onnxruntime
                     runtime_packages=("onnxruntime",)),  # + torch.distributed
     "tensorrt": Backend(tensorrt.lower, tensorrt.load,   # TensorRT segments between collectives (CUDA only)
@@ -61,6 +66,13 @@ def start_again_with_worker_env(name: str, device: str, argv: list[str]) -> None
     extra = worker_env(name, device)
     if extra:
         os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **extra})
+
+
+def inductor_options(name: str, device: str) -> dict:
+    """The Inductor settings `name`'s engines for `device` compile with (part of the artifact's key); {} for a
+    backend without Inductor."""
+    options = backend(name).inductor_options
+    return options(device) if options is not None else {}
 
 
 def build_info(name: str, device: str) -> dict:

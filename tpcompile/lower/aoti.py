@@ -164,8 +164,13 @@ def _compile(source: str, package: str, device: str, group_name: str) -> None:
         ep = torch.export.export(gm, args)
     torch._inductor.aoti_compile_and_package(
         ep, package_path=package,
-        inductor_configs={"aot_inductor.package_constants_in_so": False, **inductor.options(device)})
+        inductor_configs={"aot_inductor.package_constants_in_so": False, **inductor_options(device)})
     dist.destroy_process_group()
+
+
+def inductor_options(device) -> dict:
+    """The Inductor settings the package compiles with: inductor.options for AOTInductor."""
+    return inductor.options(device, aoti=True)
 
 
 def _set(root: torch.nn.Module, fqn: str, value) -> None:

@@ -25,16 +25,18 @@ lower = eager.lower
 OPTIONS_ENV = "TPCOMPILE_INDUCTOR_OPTIONS"  # JSON object of Inductor settings over ours, e.g. for an ablation
 
 
-def options(device, cudagraphs: bool = False) -> dict:
-    """Inductor settings for an engine running on `device` (shared by torch.compile and AOTInductor)."""
+def options(device, cudagraphs: bool = False, aoti: bool = False) -> dict:
+    """Inductor settings for an engine running on `device` (shared by torch.compile and AOTInductor). Programmatic
+    dependent launch only under torch.compile: AOTInductor's C++ wrapper launches every kernel with a plain
+    cuLaunchKernel, without the launch attribute, so its kernels would carry the waits and gain nothing."""
     gpu = torch.device(device).type == "cuda"
-    return ({"coordinate_descent_tuning": gpu} | ({"triton.enable_pdl": True} if gpu and _has_pdl() else {})
+    pdl = gpu and not aoti and _has_pdl()
+    return ({"coordinate_descent_tuning": gpu} | ({"triton.enable_pdl": True} if pdl else {})
             | ({"triton.cudagraphs": True} if cudagraphs else {}) | user_options())
 
 
 def _has_pdl() -> bool:
-    """Whether this torch's Inductor can launch its kernels with programmatic dependent launch (sm90 and later; on
-    older GPUs Inductor leaves it out itself)."""
+    """Whether this torch's Inductor has programmatic dependent launch (it uses it on sm90 and later only)."""
     import torch._inductor.config as config
     return hasattr(config.triton, "enable_pdl")
 
