@@ -23,7 +23,7 @@ from torch.export import ExportedProgram
 
 from tpcompile.capture import retarget_device
 from tpcompile.kernels import gpu_ops
-from tpcompile.lower import eager, inductor
+from tpcompile.lower import aoti_pdl, eager, inductor
 
 _SAVE_LOCK = threading.Lock()
 COMPILE_TIMEOUT_S = 3600.0  # AOTInductor on a large model on few cores takes minutes, not hours
@@ -31,6 +31,8 @@ COMPILE_TIMEOUT_S = 3600.0  # AOTInductor on a large model on few cores takes mi
 
 def lower(program: ExportedProgram, out_dir: Path, name: str = "engine", *, device: str = "cpu") -> list[str]:
     package = Path(out_dir) / f"{name}.pt2"
+    if _launch_with_pdl(device):
+        aoti_pdl.check()  # a torch whose wrapper it does not know: one clear error before the compile starts
     with tempfile.TemporaryDirectory(prefix="tpc-aoti-") as tmp:
         source = Path(tmp) / "program.pt2"
         with _SAVE_LOCK:  # graphs lower on threads (Backend.concurrent_lower); export.save is not thread-safe
@@ -162,6 +164,8 @@ def _compile(source: str, package: str, device: str, group_name: str) -> None:
     args = tuple(torch.zeros(v.shape, dtype=v.dtype, device=device) for v in inputs)
     with torch.no_grad():
         ep = torch.export.export(gm, args)
+    if _launch_with_pdl(device):
+        aoti_pdl.install()
     torch._inductor.aoti_compile_and_package(
         ep, package_path=package,
         inductor_configs={"aot_inductor.package_constants_in_so": False, **inductor_options(device)})
@@ -171,6 +175,12 @@ def _compile(source: str, package: str, device: str, group_name: str) -> None:
 def inductor_options(device) -> dict:
     """The Inductor settings the package compiles with: inductor.options for AOTInductor."""
     return inductor.options(device, aoti=True)
+
+
+def _launch_with_pdl(device) -> bool:
+    """Whether the package's kernels launch with programmatic dependent launch (lower/aoti_pdl.py): when the
+    settings ask for it on a GPU."""
+    return torch.device(device).type == "cuda" and bool(inductor_options(device).get("triton.enable_pdl"))
 
 
 def _set(root: torch.nn.Module, fqn: str, value) -> None:
