@@ -27,8 +27,9 @@ OPTIONS_ENV = "TPCOMPILE_INDUCTOR_OPTIONS"  # JSON object of Inductor settings o
 
 def options(device, cudagraphs: bool = False, aoti: bool = False) -> dict:
     """Inductor settings for an engine running on `device` (shared by torch.compile and AOTInductor). Programmatic
-    dependent launch only under torch.compile: AOTInductor's C++ wrapper launches every kernel with a plain
-    cuLaunchKernel, without the launch attribute, so its kernels would carry the waits and gain nothing."""
+    dependent launch by default only under torch.compile: AOTInductor's own C++ wrapper launches every kernel with
+    a plain cuLaunchKernel, without the launch attribute; with the setting asked for explicitly, lower/aoti_pdl.py
+    adds the attribute there (not yet measured on a GPU)."""
     gpu = torch.device(device).type == "cuda"
     pdl = gpu and not aoti and _has_pdl()
     return ({"coordinate_descent_tuning": gpu} | ({"triton.enable_pdl": True} if pdl else {})
