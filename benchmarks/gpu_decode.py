@@ -212,11 +212,11 @@ def part_ablation(model, args, work):
     for skipped in args.skips:
         yield {"engine": f"tpcompile {args.backend}, skip {skipped}", "skip_passes": [skipped],
                **bench(args, model, args.backend, work, profile_steps=8,
-                                 extra=(f"backend.skip_passes=[{skipped}]",), tag=f"skip-{skipped}")}
+                       extra=(f"backend.skip_passes=[{skipped}]",), tag=f"skip-{skipped}")}
     for i, options in enumerate(args.inductor_options):
         yield {"engine": f"tpcompile {args.backend}, Inductor {options}", "inductor_options": json.loads(options),
                **bench(args, model, args.backend, work, profile_steps=8, tag=f"options-{i}",
-                                 env={"TPCOMPILE_INDUCTOR_OPTIONS": options})}
+                       env={"TPCOMPILE_INDUCTOR_OPTIONS": options})}
 
 
 def part_aoti(model, args, work):
@@ -261,7 +261,7 @@ def part_long(model, args, work):
         for prompt in args.long_prompts:
             yield {"engine": f"tpcompile {args.backend}, decode_attention {attention}", "decode_attention": attention,
                    **bench(args, model, args.backend, work, prompt=prompt, new=64, max_seq=args.long_max_seq,
-                                     chunk=512, extra=extra, tag=f"attention-{attention}")}
+                           chunk=512, extra=extra, tag=f"attention-{attention}")}
 
 
 def part_first_token(model, args, work):
