@@ -69,6 +69,10 @@ def table(record: dict) -> str:
             else f" ({record['bytes_per_step_filled'] / 2**20:.1f} MiB with only the filled cache slots)")),
         ("peak memory per rank", f"{record['peak_memory_bytes'] / 2**20:.1f} MiB"),
     ]
+    if record.get("passes") is not None:
+        rows.append(("optional passes", ", ".join(record["passes"]) or "none"))
+    if record.get("inductor_options"):
+        rows.append(("Inductor settings", ", ".join(f"{k}={v}" for k, v in record["inductor_options"].items())))
     if record.get("load_seconds_per_rank"):
         slowest = max(record["load_seconds_per_rank"], key=lambda x: x["weights"] + x["engines"])
         rows.append(("load, slowest rank: weights / engines / first request",
