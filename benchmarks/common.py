@@ -88,8 +88,7 @@ def tpcompile_bench(model: str, backend: str, out: Path, batch=1, prompt=32, new
            f"generation.prefill_chunk={chunk}", f"bench.prompt_len={prompt}", f"bench.new_tokens={new}",
            f"bench.profile_steps={profile_steps}", f"bench.results_dir={results}", f"out_dir={out / 'engines'}",
            f"hydra.run.dir={out / 'hydra'}/{model}_tp{tp}_{backend}_{batch}_{prompt}{suffix}", *extra]
-    print(f"{time.strftime('%H:%M:%S')} bench {model} {backend} batch {batch} prompt {prompt}{' ' + tag if tag else ''}",
-          flush=True)
+    print(f"{time.strftime('%H:%M:%S')} bench {model} {backend} batch {batch} prompt {prompt} {tag}".rstrip(), flush=True)
     ran = cli(*cmd, env=env, timeout_s=timeout_s)
     print(ran["stdout"][-1500:], ran["stderr"][-1500:] if ran["rc"] else "", flush=True)
     files = glob.glob(str(results / "*.json"))

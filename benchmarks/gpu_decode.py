@@ -380,7 +380,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skips", nargs="*", default=["fold_repeat_kv", "fuse_linears", "decode_attention"],
                     help="the passes the part ablation leaves out, one row each")
     ap.add_argument("--inductor-options", nargs="*", default=[], metavar="JSON", type=inductor_options,
-                    help='Inductor settings the part ablation also runs, one row each, e.g. \'{"combo_kernels": true}\'')
+                    help="Inductor settings the part ablation also runs, one row each, "
+                         "e.g. '{\"combo_kernels\": true}'")
     ap.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                     help="Hydra overrides for every tpcompile row, e.g. model.graph.n_layers=8 (a cheaper engine "
                          "with the model's layer shapes for A/B rows in one call)")

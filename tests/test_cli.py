@@ -64,7 +64,8 @@ def test_inductor_options_are_part_of_the_artifact_key(run_cli, tmp_path):
     out = tmp_path / "engines"
     for i, value in enumerate(["", '{"coordinate_descent_tuning": true}']):
         env = {"TPCOMPILE_INDUCTOR_OPTIONS": value}
-        r = run_cli("compile", "tp=1", "backend=inductor", f"out_dir={out}", f"hydra.run.dir={tmp_path}/run{i}", cwd=tmp_path, env=env)
+        r = run_cli("compile", "tp=1", "backend=inductor", f"out_dir={out}", f"hydra.run.dir={tmp_path}/run{i}",
+                    cwd=tmp_path, env=env)
         assert r.returncode == 0, r.stderr
     assert len([d for d in out.iterdir() if (d / "manifest.json").is_file()]) == 2
 

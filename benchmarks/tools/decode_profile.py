@@ -23,9 +23,9 @@ from tpcompile.runtime.generate import Generation
 def main(overrides):
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        job = OmegaConf.to_object(compose("config", overrides=["tp=1", "dtype=bfloat16", "runtime.device=cuda",
-                                                               "generation.max_batch=1", "generation.max_seq=256", "generation.prefill_chunk=32",
-                                                               *overrides]))
+        job = OmegaConf.to_object(compose("config", overrides=[
+            "tp=1", "dtype=bfloat16", "runtime.device=cuda", "generation.max_batch=1", "generation.max_seq=256",
+            "generation.prefill_chunk=32", *overrides]))
     start_again_with_worker_env(job.backend.name, "cuda", [__file__, *overrides])
     path = build_generation(job).path
     engine = RankEngine(rank=0, world_size=1, device="cuda", artifact=str(path))

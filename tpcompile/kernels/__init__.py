@@ -1,8 +1,8 @@
 """Ops that passes put into rank graphs, registered as torch ops (namespace "tpcompile") when their module is
 imported: an engine file that calls one can be loaded (torch.export.load) only after that import. This package
 imports allreduce_norm; decode_attention is imported where a graph may call it (its pass, and `gpu_ops` from
-the eager and inductor loaders and the aoti compile on a GPU), because registering it as a triton_op imports torch's compiler, which an
-aoti or onnx worker never needs.
+the eager and inductor loaders and the aoti compile on a GPU), because registering it as a triton_op imports
+torch's compiler, which an aoti or onnx worker never needs.
 
     decode_attention.py  attention of one query per row over the part of a static KV cache its mask sees: the
                        reference (SDPA) on any device; split-KV Triton kernels (flash_decode.py) on GPUs
