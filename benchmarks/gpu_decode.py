@@ -30,7 +30,8 @@ run left (warm): the process's wall time and the first-token time it reports.
 
 Every bench row gets, from the bench record's own floor (`floor_ms_filled`): `kv_bytes_filled` (mean KV bytes of
 the filled slots per decode step), `floor_ms` ((streamed weights + filled KV) / the bench's copy bandwidth) and
-`over_floor` (ms per token over it).
+`over_floor` (ms per token over it); and `kernel_busy`, the share of a profiled step the GPU spent in kernels (the
+rest it waited: launch gaps or the host).
 A prompt of 16,000 tokens fits a 16,384-slot artifact with 64 new tokens (`tpcompile bench` checks
 prompt + new - 1 <= max_seq; the chunks' left padding goes to the scratch slot).
 
@@ -308,6 +309,8 @@ def enrich(r: dict, base: dict) -> dict:
         r["peak_over_weights_and_cache"] = r["peak_memory_bytes"] / (r["weight_bytes_per_rank"]
                                                                      + r["cache_bytes_per_rank"])
         floor(r)
+        if r.get("kernel_ms_per_step") and r.get("profiled_ms_per_step"):  # the GPU's busy share of a profiled step
+            r["kernel_busy"] = r["kernel_ms_per_step"] / r["profiled_ms_per_step"]
     elif ms and "matmul_weight_bytes" in r:  # transformers: the same count from its own weights
         r["decode_matmul_fraction"] = r["matmul_weight_bytes"] * r["batch"] / (ms / 1e3) / rate
     return r
@@ -337,7 +340,8 @@ def summary(rows: list[dict]) -> None:
     columns = [("batch", "d", 3, "b"), ("prompt_len", "d", 6, "prompt"), ("ms_per_token", ".3f", 7, "ms/tok"),
                ("decode_ms_p50", ".3f", 7, "p50"), ("hbm_fraction_of_copy_bw", ".1%", 6, "HBM"),
                ("tokens_per_s", ".0f", 7, "tok/s"), ("decode_matmul_fraction", ".1%", 7, "mm frac"),
-               ("kernels_per_step", ".0f", 6, "kern"), ("kv_bytes_filled", ".3g", 9, "KV bytes"),
+               ("kernels_per_step", ".0f", 6, "kern"), ("kernel_busy", ".0%", 5, "busy"),
+               ("kv_bytes_filled", ".3g", 9, "KV bytes"),
                ("floor_ms", ".3f", 7, "floor"), ("over_floor", ".2f", 6, "/floor"),
                ("peak_over_weights_and_cache", ".3f", 8, "peak/w+c")]
     timed = [("caches", "", 5, "cache"), ("compile_seconds", ".1f", 9, "compile s"),

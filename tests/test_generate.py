@@ -267,3 +267,16 @@ def test_generate_from_an_existing_artifact_captures_nothing(artifacts, job_conf
     assert record["artifact"] == str(art.path)
     assert record["tokens"] == art.generate([list(b"Hello")], 6)[0]
     assert "Hello" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_on_a_gpu_counts_the_kernels_of_a_step_and_their_time(job_config):
+    """The profiled decode steps of an eager engine on the GPU: every layer launches kernels, and their summed time
+    lies between nothing and the steps' wall time (eager launches one kernel at a time, so the GPU waits too)."""
+    job = job_config("backend=eager", "runtime.device=cuda", "tp=1")
+    artifact = Artifact(build_generation(job).path)
+    with artifact.session() as s:
+        raw = s.group.call("bench", {"prompt_len": 8, "new_tokens": 6, "batch": 1, "profile_steps": 4})[0]
+    n_layers = len({f.split(".")[1] for f in artifact.manifest.params if f.startswith("layers.")})
+    assert raw["kernels_per_step"] >= 4 * n_layers  # at least the four projections of each layer
+    assert 0 < raw["kernel_ms_per_step"] < raw["profiled_ms_per_step"]

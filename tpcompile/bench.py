@@ -28,7 +28,8 @@ def summarize(raw: dict, *, batch: int, prompt_len: int, new_tokens: int) -> dic
         "decode_ms_p99": percentile(steps, 0.99) * 1e3, "decode_ms_mean": statistics.fmean(steps) * 1e3,
         "decode_steps": len(steps), "decode_tokens_per_s": batch / p50,
         "collective_share": raw["collective_share"], "collectives_per_step": raw.get("collectives_per_step", {}),
-        "kernels_per_step": raw.get("kernels_per_step"),
+        "kernels_per_step": raw.get("kernels_per_step"), "kernel_ms_per_step": raw.get("kernel_ms_per_step"),
+        "profiled_ms_per_step": raw.get("profiled_ms_per_step"),
         "weight_bytes_per_rank": raw["weight_bytes"],
         "cache_bytes_per_rank": raw["cache_bytes"], "peak_memory_bytes": raw["peak_memory_bytes"],
         "bytes_per_step": bytes_per_step,
@@ -62,6 +63,9 @@ def table(record: dict) -> str:
          or "none"),
         ("device kernels per decode step (profiler)", "-" if record.get("kernels_per_step") is None
          else f"{record['kernels_per_step']:.0f}"),
+        ("device kernel time per decode step (profiler)", "-" if record.get("kernel_ms_per_step") is None
+         else f"{record['kernel_ms_per_step']:.3f} ms of {record['profiled_ms_per_step']:.3f} ms "
+              f"({record['kernel_ms_per_step'] / record['profiled_ms_per_step']:.0%}; the rest the GPU waits)"),
         ("weights + cache per rank", f"{record['weight_bytes_per_rank'] / 2**20:.1f} + "
                                      f"{record['cache_bytes_per_rank'] / 2**20:.1f} MiB"),
         ("bytes read per step per rank", f"{record['bytes_per_step'] / 2**20:.1f} MiB"

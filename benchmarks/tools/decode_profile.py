@@ -17,7 +17,7 @@ from tpcompile.pipeline import build_generation
 from tpcompile.config import CONF_DIR, register
 from tpcompile.lower import start_again_with_worker_env
 from tpcompile.runtime.engine import RankEngine
-from tpcompile.runtime.generate import Generation
+from tpcompile.runtime.generate import Generation, device_kernels
 
 
 def main(overrides):
@@ -43,7 +43,7 @@ def main(overrides):
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     events = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in events)
+    _, kernel_us = device_kernels(events)
     print(f"profiled: wall {wall / 20 * 1e3:.3f} ms/step, device busy {kernel_us / 20 / 1e3:.3f} ms/step")
     print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))

@@ -223,7 +223,7 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
     gen.step(new_tokens - 1)
     sync()
     run = (time.perf_counter() - t0) / (new_tokens - 1)
-    share, kernels = _profile(gen, prompts, profile_steps, engine.device.type, sync) if profile_steps else (0.0, None)
+    profiled = _profile(gen, prompts, profile_steps, engine.device.type, sync) if profile_steps else {}
     state, params = set(engine.manifest.state), engine.manifest.params
     weights = sum(t.numel() * t.element_size() for f, t in engine.tensors.items() if f not in state)
     cache = sum(t.numel() * t.element_size() for f, t in engine.tensors.items() if f in state)
@@ -237,17 +237,19 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
     if rank != 0:
         return {"load_seconds": load}
     return {"load_seconds": load, "prefill_seconds": prefill, "step_seconds": steps, "run_step_seconds": run,
-            "collective_share": share, "collectives_per_step": dict(collectives), "kernels_per_step": kernels,
+            "collective_share": profiled.get("collective_share", 0.0), "collectives_per_step": dict(collectives),
+            **{k: profiled.get(k) for k in ("kernels_per_step", "kernel_ms_per_step", "profiled_ms_per_step")},
             "weight_bytes": weights, "cache_bytes": cache, "read_bytes": int(read), "peak_memory_bytes": peak,
             "max_seq": gen.spec["max_seq"],
             "copy_bandwidth": _copy_bandwidth(engine.device) if engine.device.type == "cuda" else None,
             "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"}
 
 
-def _profile(gen, prompts, steps: int, device_type: str, sync) -> tuple[float, float | None]:
-    """A few decode steps under torch.profiler: the share of their time in collectives, and (on a GPU) the device
-    kernels launched per step (inside CUDA graphs too), the fixed cost that a fusion removes."""
-    from torch.autograd import DeviceType
+def _profile(gen, prompts, steps: int, device_type: str, sync) -> dict:
+    """A few decode steps under torch.profiler: the share of their time in collectives, their wall time per step
+    and, on a GPU, the device kernels launched per step (inside CUDA graphs too; the fixed cost that a fusion
+    removes) and their summed time per step. Kernel time well under the wall time is time the GPU waits: launch
+    gaps or the host."""
     from torch.profiler import ProfilerActivity, profile
     lookahead, gen.lookahead = gen.lookahead, False  # every profiled step launched inside the window, none before
     gen.start(prompts, steps + 1)
@@ -262,10 +264,19 @@ def _profile(gen, prompts, steps: int, device_type: str, sync) -> tuple[float, f
     averages = prof.key_averages()
     attr = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
     comm_us = sum(getattr(e, attr, 0.0) for e in averages if any(k in e.key.lower() for k in COLLECTIVE_EVENTS))
-    kernels = None
+    out = {"collective_share": min(1.0, comm_us / 1e6 / wall), "profiled_ms_per_step": wall / steps * 1e3,
+           "kernels_per_step": None, "kernel_ms_per_step": None}
     if device_type == "cuda":
-        kernels = sum(e.count for e in averages if e.device_type == DeviceType.CUDA) / steps
-    return min(1.0, comm_us / 1e6 / wall), kernels
+        kernels, kernel_us = device_kernels(averages)
+        out.update(kernels_per_step=kernels / steps, kernel_ms_per_step=kernel_us / steps / 1e3)
+    return out
+
+
+def device_kernels(averages) -> tuple[int, float]:
+    """(launches, summed microseconds) of the device events in a profiler's key_averages()."""
+    from torch.autograd import DeviceType
+    events = [e for e in averages if e.device_type == DeviceType.CUDA]
+    return sum(e.count for e in events), sum(e.self_device_time_total for e in events)
 
 
 def _peak_rss() -> int:
