@@ -1,8 +1,9 @@
 """decode_attention: which attention nodes it replaces (decode graphs of llama_tiny's graph and of transformers'
 Mistral with a sliding window) and which it leaves (prefill, masks that differ per head); the rewritten decode
-graph against the captured one on a filled cache; the Triton kernels against the reference (SDPA in float64) in
-Triton's interpreter on the CPU and on a GPU, where the op also runs compiled by Inductor and greedy generation of
-an artifact built with the pass equals a full recompute (skipped without triton / CUDA)."""
+graph against the captured one on a filled cache; share_attention_mask, one mask for every layer's op; the Triton
+kernels against the reference (SDPA in float64) in Triton's interpreter on the CPU and on a GPU, where the op also
+runs compiled by Inductor and greedy generation of an artifact built with the pass equals a full recompute (skipped
+without triton / CUDA)."""
 import copy
 import importlib.util
 import math
@@ -13,7 +14,7 @@ import torch
 from tpcompile.capture import capture
 from tpcompile.kernels.decode_attention import reference
 from tpcompile.passes import optional_passes
-from tpcompile.passes.decode_attention import decode_attention
+from tpcompile.passes.decode_attention import decode_attention, share_attention_mask
 from tpcompile.runtime.generate import generation_inputs
 
 ops = torch.ops.tpcompile
@@ -63,6 +64,32 @@ def test_the_decode_graph_attends_through_the_op_and_computes_what_it_did():
     assert torch.equal(got, want)
 
 
+def test_the_layers_read_one_copy_of_the_mask_made_once():
+    """After decode_attention, share_attention_mask gives both layers' ops one node that makes the mask (Inductor's
+    force_stride_order prim, contiguous), fed by the first layer's view of the step's mask (each layer views it
+    itself, the same computation); the logits stay bit for bit."""
+    model = llama()
+    prefill(model, [9, 30])
+    decode = capture(model, (torch.zeros(B, 1, dtype=torch.long), positions([9, 30])))
+    assert share_attention_mask(decode) == []  # no op yet: nothing to share
+    decode_attention(decode)
+    before = copy.deepcopy(decode)
+    masks = {n.args[3] for n in decode.graph.nodes if n.target == ops.decode_attention.default}
+    changed = share_attention_mask(decode)
+    assert len(masks) == 2  # each layer views the step's mask itself
+    assert len(changed) == 1 and changed[0].endswith("(2 layers)")
+    readers = [n for n in decode.graph.nodes if n.target == ops.decode_attention.default]
+    once = {n.args[3] for n in readers}
+    assert len(once) == 1 and len(readers) == 2
+    (node,) = once
+    assert node.target == torch.ops.prims.inductor_force_stride_order.default and node.args[0] in masks
+    assert node.meta["val"].is_contiguous() and node.meta["val"].shape == node.args[0].meta["val"].shape
+    ids = torch.tensor([[3], [77]])
+    with torch.no_grad():
+        want, got = before(ids, positions([9, 30])), decode(ids, positions([9, 30]))
+    assert torch.equal(got, want)
+
+
 def test_transformers_sliding_window_decode_graph_is_rewritten_with_its_window_mask():
     """transformers' Mistral (window 8) captured through the wrapper, GQA folded first: every layer's attention
     becomes the op, whose mask argument is the window mask the model built."""
@@ -81,6 +108,7 @@ def test_transformers_sliding_window_decode_graph_is_rewritten_with_its_window_m
     nodes = [n for n in gm.graph.nodes if n.target == ops.decode_attention.default]
     assert all(n.args[3].meta["val"].shape == (B, 1, 1, MAX_SEQ + 1) for n in nodes)
     assert all(n.args[4] == pytest.approx(1 / math.sqrt(16)) for n in nodes)
+    assert [c.endswith("(2 layers)") for c in share_attention_mask(gm)] == [True]  # one window mask for both
 
 
 def test_attention_the_op_does_not_cover_is_left_alone():
@@ -102,6 +130,8 @@ def test_the_pass_runs_on_gpu_engines_only_and_can_be_skipped():
     assert "decode_attention" not in optional_passes("inductor", "cpu")
     assert "decode_attention" not in optional_passes("onnx", "cuda")
     assert "decode_attention" not in optional_passes("aoti", "cuda", skip=["decode_attention"])
+    assert "share_attention_mask" in optional_passes("aoti", "cuda") - optional_passes("aoti", "cpu")
+    assert "share_attention_mask" not in optional_passes("aoti", "cuda", skip=["share_attention_mask"])
 
 
 CASES = [  # B, Hq, Hkv, S, D, filled per row, splits, window
@@ -154,9 +184,9 @@ def test_kernels_in_the_triton_interpreter_equal_the_reference(tmp_path):
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_on_the_gpu_equal_the_reference_eager_and_compiled(dtype):
-    from tpcompile.kernels.flash_decode import launch
     """bfloat16: within a rounding of the output (2^-8 relative) plus the bfloat16 softmax weights' (the same
     bound as torch's bfloat16 tolerance), and no further from float64 than twice torch's own SDPA in bfloat16."""
+    from tpcompile.kernels.flash_decode import launch
     torch._dynamo.reset()  # one compile per case (static shapes), within dynamo's recompile limit
     compiled = torch.compile(lambda q, k, v, m, s: ops.decode_attention(q, k, v, m, s), fullgraph=True, dynamic=False)
     for case in CASES:
@@ -170,6 +200,34 @@ def test_kernels_on_the_gpu_equal_the_reference_eager_and_compiled(dtype):
             sdpa, _ = run_case(case, dtype, "cuda", lambda q, k, v, m, s, splits: reference(q, k, v, m, s))
             err, err_sdpa = ((x.double() - want).norm() / want.norm() for x in (got, sdpa))
             assert err <= 2 * err_sdpa + 1e-4, (case, err, err_sdpa)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")
+def test_inductor_makes_the_layers_mask_once_with_share_attention_mask():
+    """Inductor's code for llama_tiny's decode graph on the GPU: without share_attention_mask each layer's op gets
+    its own kernel that makes the mask (Inductor copies a computed input of a Triton kernel per reader), with it
+    one kernel makes it for both layers; the logits agree."""
+    from torch._inductor.utils import run_and_get_code
+
+    from tpcompile.capture import retarget_device
+    model = llama()
+    prefill(model, [9, 30])
+    ids, pos = torch.tensor([[3], [77]]), positions([9, 30])
+    kernels, logits = {}, {}
+    for share in (False, True):
+        gm = capture(model, (torch.zeros(B, 1, dtype=torch.long), pos))
+        decode_attention(gm)
+        assert bool(share_attention_mask(gm)) if share else True
+        retarget_device(gm, "cuda")
+        gm = gm.to("cuda")
+        gm.recompile()
+        torch._dynamo.reset()
+        compiled = torch.compile(gm, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            logits[share], code = run_and_get_code(compiled, ids.cuda(), pos.cuda())
+        kernels[share] = sum(c.count("@triton.jit") for c in code)
+    assert kernels[True] <= kernels[False] - 1, kernels
+    torch.testing.assert_close(logits[True], logits[False])
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")

@@ -13,8 +13,9 @@ from tpcompile.kernels import allreduce_norm  # noqa: F401  registers torch.ops.
 
 
 def gpu_ops(device) -> None:
-    """Register the ops that only GPU graphs call (decode_attention) before a graph on `device` is loaded or
-    compiled; nothing on other devices."""
+    """Register the ops that only GPU graphs call (decode_attention, the prim of share_attention_mask) before a
+    graph on `device` is loaded or compiled; nothing on other devices."""
     import torch
     if torch.device(device).type == "cuda":
         import tpcompile.kernels.decode_attention  # noqa: F401  registers torch.ops.tpcompile.decode_attention
+        import torch._inductor.inductor_prims  # noqa: F401  prims.inductor_force_stride_order (share_attention_mask)

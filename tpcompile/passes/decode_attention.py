@@ -11,6 +11,18 @@ SDPA reads every slot of the static cache every step, whatever the mask; the op 
 filled prefix, or a sliding window) and only the mask bytes of the rest. Keyed on the node's arguments and shapes
 only: any model whose decode graph attends this way gets it.
 
+share_attention_mask: the mask every layer's op reads is made once per step (one contiguous bool buffer):
+
+    before: y_i = tpcompile.decode_attention(q_i, k_i, v_i, mask, s)                    for each layer i
+    after:  m = prims.inductor_force_stride_order(mask, contiguous strides)             (once)
+            y_i = tpcompile.decode_attention(q_i, k_i, v_i, m, s)
+
+Inductor gives each input of a user Triton kernel exactly the strides it was traced with
+(config.triton_kernel_default_layout_constraint, `constrain_to_fake_tensors`); a mask that is still a cheap
+pointwise computation there is copied per consumer (`ExternKernel.require_strides` -> `copy_input`), the mask's
+ops inlined: one extra kernel per layer. The prim is Inductor's own "this layout" (a copy made once and shared); in
+eager it returns the mask itself when the strides already match.
+
 Where it runs: on a GPU, with the engines that compile or call torch ops (`wanted`); onnx and tensorrt export
 standard ops only, and on the CPU the op would run its reference (SDPA): the graph stays as it is there unless a
 caller applies the pass itself (the tests do). Runs on the rank graph (local head counts), after the partition.
@@ -51,6 +63,57 @@ def decode_attention(gm: GraphModule) -> list[str]:
         gm.graph.lint()
         gm.recompile()
     return changed
+
+
+def share_attention_mask(gm: GraphModule) -> list[str]:
+    """Returns "mask -> its one copy (N layers)" for each mask read by two or more decode_attention nodes: masks
+    that are the same computation (each layer's own view of one mask, say) count as one."""
+    import torch._inductor.inductor_prims  # noqa: F401  registers prims.inductor_force_stride_order
+    if not hasattr(torch.ops.tpcompile, "decode_attention"):  # the op's module never imported: no node calls it
+        return []
+    same = _same_computation(gm)
+    readers: dict[int, list[Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.tpcompile.decode_attention.default:
+            readers.setdefault(same[node.args[3]], []).append(node)
+    changed = []
+    for nodes in readers.values():
+        mask = min((n.args[3] for n in nodes), key=list(gm.graph.nodes).index)  # the first made: before every reader
+        val = _val(mask)
+        if len(nodes) < 2 or val is None:
+            continue
+        stride = list(torch.empty(val.shape, device="meta").stride())
+        with gm.graph.inserting_after(mask):
+            once = gm.graph.call_function(torch.ops.prims.inductor_force_stride_order.default, (mask, stride))
+        once.meta = {**mask.meta, "val": val.new_empty_strided(val.shape, stride)}
+        for node in nodes:
+            node.replace_input_with(node.args[3], once)
+        changed.append(f"{mask.name} -> {once.name} ({len(nodes)} layers)")
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _same_computation(gm: GraphModule) -> dict[Node, int]:
+    """A number per node, equal for nodes that compute the same value: the same pure op on the same inputs
+    (hash-consing, in graph order). Inputs, attributes and ops that write or draw random numbers are their own."""
+    ids: dict = {}
+    out: dict[Node, int] = {}
+
+    def arg(a):
+        if isinstance(a, Node):
+            return ("node", out[a])
+        if isinstance(a, (list, tuple)):
+            return tuple(arg(x) for x in a)
+        return a if isinstance(a, (int, float, bool, str, type(None), torch.dtype, torch.device)) else ("obj", id(a))
+
+    for node in gm.graph.nodes:
+        pure = node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+            and not node.target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in node.target.tags
+        key = (node.target, arg(node.args), arg(tuple(sorted(node.kwargs.items())))) if pure else ("own", node)
+        out[node] = ids.setdefault(key, len(ids))
+    return out
 
 
 def _arguments(node: Node) -> dict:
