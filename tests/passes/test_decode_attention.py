@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from torch.fx import GraphModule
 
 from tpcompile.capture import capture
 from tpcompile.kernels.decode_attention import reference
@@ -88,6 +89,41 @@ def test_the_layers_read_one_copy_of_the_mask_made_once():
     with torch.no_grad():
         want, got = before(ids, positions([9, 30])), decode(ids, positions([9, 30]))
     assert torch.equal(got, want)
+
+
+def test_masks_read_from_a_tensor_written_between_the_layers_are_not_shared():
+    """Two layers view a mask buffer the same way; when an op writes the buffer between them, the views hold
+    different values and each layer keeps its own; without the write they are one."""
+    aten = torch.ops.aten
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(B, 4, 1, 8, generator=gen), torch.randn(B, 2, 6, 8, generator=gen), \
+        torch.randn(B, 2, 6, 8, generator=gen)
+    args = (q, k, v, torch.tensor([[True] * 3 + [False] * 3] * B)[:, None, :], torch.tensor([3, 4]))
+
+    def layers(write: bool) -> GraphModule:
+        g = torch.fx.Graph()
+        nodes = [g.placeholder(n) for n in ("q", "k", "v", "seen", "pos")]
+        qn, kn, vn, seen, pos = nodes
+        for node, val in zip(nodes, args):
+            node.meta["val"] = val
+        ys = []
+        for layer in range(2):
+            if layer and write:  # this step's key becomes seen, in place
+                rows = g.call_function(aten.arange.default, (B,))
+                g.call_function(aten.index_put_.default, (seen, [rows, g.call_function(aten.zeros.default, ([B],),
+                                {"dtype": torch.long}), pos], g.call_function(aten.scalar_tensor.default, (True,),
+                                {"dtype": torch.bool})))
+            mask = g.call_function(aten.unsqueeze.default, (seen, 1))
+            mask.meta["val"] = args[3].unsqueeze(1)
+            ys.append(g.call_function(ops.decode_attention.default, (qn, kn, vn, mask, 0.5)))
+        g.output(g.call_function(aten.add.Tensor, tuple(ys)))
+        return GraphModule(torch.nn.Module(), g)
+
+    for write, shared in ((False, 1), (True, 0)):
+        gm = layers(write)
+        want = gm(*(a.clone() for a in args))
+        assert len(share_attention_mask(gm)) == shared
+        assert torch.equal(gm(*(a.clone() for a in args)), want)
 
 
 def test_transformers_sliding_window_decode_graph_is_rewritten_with_its_window_mask():

@@ -97,9 +97,15 @@ def share_attention_mask(gm: GraphModule) -> list[str]:
 
 def _same_computation(gm: GraphModule) -> dict[Node, int]:
     """A number per node, equal for nodes that compute the same value: the same pure op on the same inputs
-    (hash-consing, in graph order). Inputs, attributes and ops that write or draw random numbers are their own."""
+    (hash-consing, in graph order). Inputs, attributes, ops that write or draw random numbers, and everything
+    computed from a tensor some op writes in place (a KV cache: its value depends on where it is read) are their
+    own."""
+    written = {a for node in gm.graph.nodes if isinstance(node.target, torch._ops.OpOverload)
+               for a, spec in zip(node.args, node.target._schema.arguments)
+               if isinstance(a, Node) and spec.alias_info is not None and spec.alias_info.is_write}
     ids: dict = {}
     out: dict[Node, int] = {}
+    tainted: set[Node] = set()
 
     def arg(a):
         if isinstance(a, Node):
@@ -109,8 +115,11 @@ def _same_computation(gm: GraphModule) -> dict[Node, int]:
         return a if isinstance(a, (int, float, bool, str, type(None), torch.dtype, torch.device)) else ("obj", id(a))
 
     for node in gm.graph.nodes:
+        if node in written or any(i in tainted for i in node.all_input_nodes):
+            tainted.add(node)
         pure = node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
-            and not node.target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in node.target.tags
+            and not node.target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in node.target.tags \
+            and node not in tainted
         key = (node.target, arg(node.args), arg(tuple(sorted(node.kwargs.items())))) if pure else ("own", node)
         out[node] = ids.setdefault(key, len(ids))
     return out
