@@ -21,7 +21,7 @@ Inductor gives each input of a user Triton kernel exactly the strides it was tra
 (config.triton_kernel_default_layout_constraint, `constrain_to_fake_tensors`); a mask that is still a cheap
 pointwise computation there is copied per consumer (`ExternKernel.require_strides` -> `copy_input`), the mask's
 ops inlined: one extra kernel per layer. The prim is Inductor's own "this layout" (a copy made once and shared); in
-eager it returns the mask itself when the strides already match.
+eager (the `eager` backend on a GPU) it is one small copy per step.
 
 Where it runs: on a GPU, with the engines that compile or call torch ops (`wanted`); onnx and tensorrt export
 standard ops only, and on the CPU the op would run its reference (SDPA): the graph stays as it is there unless a
@@ -76,9 +76,10 @@ def share_attention_mask(gm: GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == torch.ops.tpcompile.decode_attention.default:
             readers.setdefault(same[node.args[3]], []).append(node)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     changed = []
     for nodes in readers.values():
-        mask = min((n.args[3] for n in nodes), key=list(gm.graph.nodes).index)  # the first made: before every reader
+        mask = min((n.args[3] for n in nodes), key=order.__getitem__)  # the first made: before every reader
         val = _val(mask)
         if len(nodes) < 2 or val is None:
             continue
@@ -99,7 +100,7 @@ def _same_computation(gm: GraphModule) -> dict[Node, int]:
     """A number per node, equal for nodes that compute the same value: the same pure op on the same inputs
     (hash-consing, in graph order). Inputs, attributes, ops that write or draw random numbers, and everything
     computed from a tensor some op writes in place (a KV cache: its value depends on where it is read) are their
-    own."""
+    own. (torch.fx's CSEPass would merge reads on either side of such a write, and rewrites the whole graph.)"""
     written = {a for node in gm.graph.nodes if isinstance(node.target, torch._ops.OpOverload)
                for a, spec in zip(node.args, node.target._schema.arguments)
                if isinstance(a, Node) and spec.alias_info is not None and spec.alias_info.is_write}
