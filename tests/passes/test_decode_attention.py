@@ -252,7 +252,8 @@ def test_inductor_makes_the_layers_mask_once_with_share_attention_mask():
     ids, pos = torch.tensor([[3], [77]]), positions([9, 30])
     nodes, logits = {}, {}
     for share in (False, True):
-        gm = capture(model, (torch.zeros(B, 1, dtype=torch.long), pos))
+        # a copy per capture: moving the graph to the GPU moves the parameters it shares with the module it traced
+        gm = capture(copy.deepcopy(model), (torch.zeros(B, 1, dtype=torch.long), pos))
         decode_attention(gm)
         assert bool(share_attention_mask(gm)) if share else True
         retarget_device(gm, "cuda")
@@ -278,6 +279,7 @@ def test_gpu_artifact_with_the_op_decodes_what_a_full_recompute_does(backend, jo
     job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1")
     artifact = Artifact(build_generation(job).path)
     assert len(artifact.manifest.changes["decode"]["decode_attention"]) == 2
+    assert len(artifact.manifest.changes["decode"]["compute_activation_once"]) == 2  # each layer's SiLU gate
     model = load_model(job, seq_len=job.generation.max_seq)
     ref = materialize(model.module, model.source, model.dtype)
     got = artifact.generate(PROMPTS, 24)

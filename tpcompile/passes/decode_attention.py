@@ -20,8 +20,8 @@ share_attention_mask: the mask every layer's op reads is made once per step (one
 Inductor gives each input of a user Triton kernel exactly the strides it was traced with
 (config.triton_kernel_default_layout_constraint, `constrain_to_fake_tensors`); a mask that is still a cheap
 pointwise computation there is copied per consumer (`ExternKernel.require_strides` -> `copy_input`), the mask's
-ops inlined: one extra kernel per layer. The prim is Inductor's own "this layout" (a copy made once and shared); in
-eager (the `eager` backend on a GPU) it is one small copy per step.
+ops inlined: one extra kernel per layer. The prim is Inductor's own "this layout" (a copy made once and shared,
+`compute_once.computed_once`); in eager (the `eager` backend on a GPU) it is one small copy per step.
 
 Where it runs: on a GPU, with the engines that compile or call torch ops (`wanted`); onnx and tensorrt export
 standard ops only, and on the CPU the op would run its reference (SDPA): the graph stays as it is there unless a
@@ -31,6 +31,8 @@ import math
 
 import torch
 from torch.fx import GraphModule, Node
+
+from tpcompile.passes.compute_once import computed_once, tensor_val as _val
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -68,7 +70,6 @@ def decode_attention(gm: GraphModule) -> list[str]:
 def share_attention_mask(gm: GraphModule) -> list[str]:
     """Returns "mask -> its one copy (N layers)" for each mask read by two or more decode_attention nodes: masks
     that are the same computation (each layer's own view of one mask, say) count as one."""
-    import torch._inductor.inductor_prims  # noqa: F401  registers prims.inductor_force_stride_order
     if not hasattr(torch.ops.tpcompile, "decode_attention"):  # the op's module never imported: no node calls it
         return []
     same = _same_computation(gm)
@@ -80,13 +81,9 @@ def share_attention_mask(gm: GraphModule) -> list[str]:
     changed = []
     for nodes in readers.values():
         mask = min((n.args[3] for n in nodes), key=order.__getitem__)  # the first made: before every reader
-        val = _val(mask)
-        if len(nodes) < 2 or val is None:
+        if len(nodes) < 2 or _val(mask) is None:
             continue
-        stride = list(torch.empty(val.shape, device="meta").stride())
-        with gm.graph.inserting_after(mask):
-            once = gm.graph.call_function(torch.ops.prims.inductor_force_stride_order.default, (mask, stride))
-        once.meta = {**mask.meta, "val": val.new_empty_strided(val.shape, stride)}
+        once = computed_once(gm, mask)
         for node in nodes:
             node.replace_input_with(node.args[3], once)
         changed.append(f"{mask.name} -> {once.name} ({len(nodes)} layers)")
@@ -148,7 +145,3 @@ def _one_query_attention(node: Node) -> float | None:
         return None
     return float(a["scale"]) if a["scale"] is not None else 1.0 / math.sqrt(d)
 
-
-def _val(x) -> torch.Tensor | None:
-    val = x.meta.get("val") if isinstance(x, Node) else None
-    return val if isinstance(val, torch.Tensor) else None

@@ -30,6 +30,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 import tpcompile.kernels  # noqa: F401  registers torch.ops.tpcompile.*
+from tpcompile.passes.compute_once import tensor_val as _val
 
 aten, c10d, ops = torch.ops.aten, torch.ops._c10d_functional, torch.ops.tpcompile
 ASSERT = aten._assert_tensor_metadata.default
@@ -173,7 +174,3 @@ def _dtype_of(node: Node):
     val = _val(node)
     return val.dtype if val is not None else None
 
-
-def _val(node) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return val if isinstance(val, torch.Tensor) else None
