@@ -30,8 +30,9 @@ run left (warm): the process's wall time and the first-token time it reports.
 
 Every bench row gets, from the bench record's own floor (`floor_ms_filled`): `kv_bytes_filled` (mean KV bytes of
 the filled slots per decode step), `floor_ms` ((streamed weights + filled KV) / the bench's copy bandwidth) and
-`over_floor` (ms per token over it); and `kernel_busy`, the share of a profiled step the GPU spent in kernels (the
-rest it waited: launch gaps or the host).
+`over_floor` (ms per token over it); and `kernel_busy`, the profiled kernel time of a step over a whole run's step
+(under 1: the GPU waited for launches or the host; the profiler's own wall per step is longer than an unprofiled
+step, so it is no denominator).
 A prompt of 16,000 tokens fits a 16,384-slot artifact with 64 new tokens (`tpcompile bench` checks
 prompt + new - 1 <= max_seq; the chunks' left padding goes to the scratch slot).
 
@@ -309,8 +310,8 @@ def enrich(r: dict, base: dict) -> dict:
         r["peak_over_weights_and_cache"] = r["peak_memory_bytes"] / (r["weight_bytes_per_rank"]
                                                                      + r["cache_bytes_per_rank"])
         floor(r)
-        if r.get("kernel_ms_per_step") and r.get("profiled_ms_per_step"):  # the GPU's busy share of a profiled step
-            r["kernel_busy"] = r["kernel_ms_per_step"] / r["profiled_ms_per_step"]
+        if r.get("kernel_ms_per_step") and r.get("decode_ms_run"):  # kernel time over a whole run's step: under 1, the GPU waits
+            r["kernel_busy"] = r["kernel_ms_per_step"] / r["decode_ms_run"]
     elif ms and "matmul_weight_bytes" in r:  # transformers: the same count from its own weights
         r["decode_matmul_fraction"] = r["matmul_weight_bytes"] * r["batch"] / (ms / 1e3) / rate
     return r

@@ -14,7 +14,7 @@ from tpcompile.capture import capture
 from tpcompile.passes import optional_passes
 from tpcompile.passes.compute_once import compute_activation_once
 
-B, MAX_SEQ, VOCAB = 2, 40, 256
+B, MAX_SEQ, VOCAB = 1, 40, 256  # one row: the products Inductor makes its own reductions
 PRIM = "inductor_force_stride_order"
 
 
@@ -49,7 +49,10 @@ def test_a_decode_step_makes_each_layers_gate_once_and_computes_the_same():
 
 
 def test_prefill_rows_and_cheap_or_non_elementwise_inputs_are_left():
-    assert compute_activation_once(capture(llama(), step(9))) == []  # 18 rows: a matmul kernel, not a reduction
+    assert compute_activation_once(capture(llama(), step(9))) == []  # 9 rows: a matmul kernel, not a reduction
+    two = llama()
+    two.setup_cache(2, MAX_SEQ, torch.float32)
+    assert compute_activation_once(capture(two, (torch.zeros(2, 1, dtype=torch.long), torch.full((2, 1), 5)))) == []
 
     class Cheap(torch.nn.Module):
         def __init__(self):
@@ -107,7 +110,8 @@ def test_inductor_computes_the_silu_in_a_pointwise_kernel_not_in_the_product():
         gm = gm.to("cuda")
         gm.recompile()
         torch._dynamo.reset()
-        with torch._inductor.config.patch(fx_graph_cache=False), torch.no_grad():
+        # coordinate-descent tuning on, as GPU engines build: a one-row product is then Inductor's own reduction
+        with torch._inductor.config.patch(fx_graph_cache=False, coordinate_descent_tuning=True), torch.no_grad():
             logits[once], code = run_and_get_code(torch.compile(gm, fullgraph=True, dynamic=False),
                                                   ids.cuda(), pos.cuda())
         names = set(re.findall(r"def (triton_\w+)\(", "\n".join(code)))

@@ -279,7 +279,6 @@ def test_gpu_artifact_with_the_op_decodes_what_a_full_recompute_does(backend, jo
     job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1")
     artifact = Artifact(build_generation(job).path)
     assert len(artifact.manifest.changes["decode"]["decode_attention"]) == 2
-    assert len(artifact.manifest.changes["decode"]["compute_activation_once"]) == 2  # each layer's SiLU gate
     model = load_model(job, seq_len=job.generation.max_seq)
     ref = materialize(model.module, model.source, model.dtype)
     got = artifact.generate(PROMPTS, 24)

@@ -5,12 +5,13 @@ op in it (SiLU, GELU, exp, tanh, ...) is computed once per step into a buffer, n
     after:  a = prims.inductor_force_stride_order(silu(g) * u, contiguous strides)
             y = linear(a, W)
 
-Inductor lowers a product of a few rows (a decode step) to its own reduction kernel and inlines an elementwise
-input into it: every block of output rows recomputes the input (for a down projection of 4,096 rows, thousands of
-times the SiLU of the whole input vector) and reads its operands again. The prim is Inductor's own "this layout":
+With coordinate-descent tuning on (as GPU engines build), Inductor decomposes a product of one row (a decode step
+at batch 1) into a multiply and a sum, its own reduction kernel, and may inline an elementwise input into it: every
+block of output rows then recomputes the input (for a down projection of 4,096 rows, thousands of times the SiLU of
+the whole input vector) and reads its operands again. The prim is Inductor's own "this layout":
 the input is made once, by one small kernel, and the product reads the buffer. In eager it is one small copy.
 
-Keyed on the graph only: a linear / mm / matmul whose input has at most MAX_ROWS rows and is a pointwise op (or a
+Keyed on the graph only: a linear / mm / matmul whose input has MAX_ROWS row and is a pointwise op (or a
 view of one) computed, through pointwise ops and views, with one of COSTLY. Where it runs: GPU engines that
 compile with Inductor (`wanted`), on the rank graph after the partition; optional (backend.skip_passes).
 
@@ -23,7 +24,7 @@ aten = torch.ops.aten
 PRODUCTS = {aten.linear.default: 0, aten.mm.default: 0, aten.matmul.default: 0, aten.addmm.default: 1}
 COSTLY = {aten.silu, aten.gelu, aten.sigmoid, aten.exp, aten.exp2, aten.expm1, aten.tanh, aten.erf, aten.log,
           aten.log1p, aten.softplus, aten.mish, aten.sin, aten.cos}
-MAX_ROWS = 16  # a decode step's rows; a product of more goes to a matmul kernel that reads a buffer anyway
+MAX_ROWS = 1  # a product of more rows goes to a matmul kernel that reads a buffer anyway
 BACKENDS = ("inductor", "inductor_cudagraphs", "aoti", "aoti_cudagraphs")
 
 
