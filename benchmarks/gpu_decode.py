@@ -11,7 +11,7 @@ backend in ours, ablation, batch and long. Our rows are `tpcompile bench` (bf16,
 | part | what | record |
 |---|---|---|
 | ours | batch 1, 32-token prompt, 128 new tokens, 8 profiled steps (kernels per step) | decode |
-| ablation | ours with `backend.skip_passes=[P]` for each P of `--skips` (fold_repeat_kv fuse_linears decode_attention share_attention_mask compute_activation_once), then ours under each Inductor setting of `--inductor-options` (run with ours) | decode |
+| ablation | ours with `backend.skip_passes=[P]` for each P of `--skips` (fold_repeat_kv fuse_linears decode_attention share_attention_mask), then ours under each Inductor setting of `--inductor-options` (run with ours) | decode |
 | eager | our graph under `backend=eager`, 16 new tokens | decode |
 | aoti | ours under `backend=aoti_cudagraphs`, 8 profiled steps | decode |
 | hf | transformers' generate, static cache, compiled, random weights | decode |
@@ -383,7 +383,7 @@ def parse_args() -> argparse.Namespace:
                     help="the backends the part first_token compiles and starts")
     ap.add_argument("--batches", nargs="+", type=int, default=[8, 32], help="the batch sizes of the part batch")
     ap.add_argument("--skips", nargs="*", default=["fold_repeat_kv", "fuse_linears", "decode_attention",
-                                                    "share_attention_mask", "compute_activation_once"],
+                                                    "share_attention_mask"],
                     help="the passes the part ablation leaves out, one row each")
     ap.add_argument("--inductor-options", nargs="*", default=[], metavar="JSON", type=inductor_options,
                     help="Inductor settings the part ablation also runs, one row each, "

@@ -3,7 +3,6 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule
 
-from tpcompile.passes.compute_once import compute_activation_once, wanted as activation_wanted
 from tpcompile.passes.decode_attention import decode_attention, share_attention_mask, wanted as attention_wanted
 from tpcompile.passes.fuse_allreduce_norm import fuse_allreduce_norm, wanted as allreduce_wanted
 from tpcompile.passes.insert_collectives import insert_collectives
@@ -22,7 +21,6 @@ OPTIONAL = {
     "fuse_linears": "linears that read the same input become one matmul per rank (after the partition)",
     "decode_attention": "one-query attention reads only the cache blocks its mask sees (GPU engines)",
     "share_attention_mask": "the mask every layer's decode_attention reads is made once per step, not per layer",
-    "compute_activation_once": "a matrix-vector product's SiLU/GELU-like input is made once, not per output block",
     "fuse_allreduce_norm": "all-reduce + residual add + RMSNorm as one op (GPU, opt-in: backend.fuse_allreduce)",
 }
 DEFAULT_PASSES = frozenset({"fold_repeat_kv", "fuse_linears"})  # on any backend and device
@@ -33,8 +31,6 @@ def optional_passes(backend: str, device: str, skip=(), fuse_allreduce: bool = F
     on = set(DEFAULT_PASSES)
     if attention_wanted(backend, device):
         on |= {"decode_attention", "share_attention_mask"}
-    if activation_wanted(backend, device):
-        on.add("compute_activation_once")
     if fuse_allreduce and allreduce_wanted(backend, device):
         on.add("fuse_allreduce_norm")
     return frozenset(on - set(skip))
@@ -71,8 +67,8 @@ def settle(gm: GraphModule, plan: ShardPlan) -> tuple[Propagation, list, list]:
 
 def partition(gm: GraphModule, plan: ShardPlan, group_name: str, passes: frozenset = frozenset()) -> Partition:
     """Rewrite `gm` in place into the graph every rank runs. passes: the OPTIONAL ones to run here
-    (fuse_allreduce_norm, decode_attention, share_attention_mask, compute_activation_once; `optional_passes` picks
-    them for a backend and device)."""
+    (fuse_allreduce_norm, decode_attention, share_attention_mask; `optional_passes` picks them for a backend and
+    device)."""
     rowwise = {f for f, s in plan.styles.items() if s == "rowwise"}
     changes = {"split_rowwise_bias": plan.applied.get("split_rowwise_bias", []) + split_rowwise_bias(gm, rowwise)}
     prop, replicated_kv, state = settle(gm, plan)
@@ -90,8 +86,6 @@ def partition(gm: GraphModule, plan: ShardPlan, group_name: str, passes: frozens
         changes["decode_attention"] = decode_attention(gm)
     if "share_attention_mask" in passes:
         changes["share_attention_mask"] = share_attention_mask(gm)
-    if "compute_activation_once" in passes:
-        changes["compute_activation_once"] = compute_activation_once(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return Partition(gm, plan, prop, changes)

@@ -21,7 +21,7 @@ Inductor gives each input of a user Triton kernel exactly the strides it was tra
 (config.triton_kernel_default_layout_constraint, `constrain_to_fake_tensors`); a mask that is still a cheap
 pointwise computation there is copied per consumer (`ExternKernel.require_strides` -> `copy_input`), the mask's
 ops inlined: one extra kernel per layer. The prim is Inductor's own "this layout" (a copy made once and shared,
-`compute_once.computed_once`); in eager (the `eager` backend on a GPU) it is one small copy per step.
+`nodes.computed_once`); in eager (the `eager` backend on a GPU) it is one small copy per step.
 
 Where it runs: on a GPU, with the engines that compile or call torch ops (`wanted`); onnx and tensorrt export
 standard ops only, and on the CPU the op would run its reference (SDPA): the graph stays as it is there unless a
@@ -32,7 +32,7 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from tpcompile.passes.compute_once import computed_once, tensor_val as _val
+from tpcompile.passes.nodes import computed_once, tensor_val as _val
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default

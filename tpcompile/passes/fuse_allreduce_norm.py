@@ -30,7 +30,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 import tpcompile.kernels  # noqa: F401  registers torch.ops.tpcompile.*
-from tpcompile.passes.compute_once import tensor_val as _val
+from tpcompile.passes.nodes import tensor_val as _val
 
 aten, c10d, ops = torch.ops.aten, torch.ops._c10d_functional, torch.ops.tpcompile
 ASSERT = aten._assert_tensor_metadata.default
