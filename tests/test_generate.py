@@ -270,10 +270,12 @@ def test_generate_from_an_existing_artifact_captures_nothing(artifacts, job_conf
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_bench_on_a_gpu_counts_the_kernels_of_a_step_and_their_time(job_config):
-    """The profiled decode steps of an eager engine on the GPU: every layer launches kernels, and their summed time
-    lies between nothing and the steps' wall time (eager launches one kernel at a time, so the GPU waits too)."""
-    job = job_config("backend=eager", "runtime.device=cuda", "tp=1")
+@pytest.mark.parametrize("backend", ["eager", "inductor_cudagraphs", "aoti_cudagraphs"])
+def test_bench_on_a_gpu_counts_the_kernels_of_a_step_their_time_and_launches(backend, job_config):
+    """The profiled decode steps of an engine on the GPU: every layer runs kernels, and their summed time lies between
+    nothing and the steps' wall time. Eager launches each kernel from the host; the CUDA-graph backends replay a
+    step as a graph, so the host launches a graph and only the few kernels outside it (sampling)."""
+    job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1")
     artifact = Artifact(build_generation(job).path)
     with artifact.session() as s:
         raw = s.group.call("bench", {"prompt_len": 8, "new_tokens": 6, "batch": 1, "profile_steps": 4})[0]
@@ -282,3 +284,8 @@ def test_bench_on_a_gpu_counts_the_kernels_of_a_step_and_their_time(job_config):
     assert 0 < raw["kernel_ms_per_step"] < raw["profiled_ms_per_step"]
     # the profiled wall is of a step, not of the profiler starting and collecting (it once was 400x a step)
     assert raw["profiled_ms_per_step"] < 4 * max(raw["step_seconds"]) * 1e3
+    if backend == "eager":
+        assert raw["graph_launches_per_step"] == 0 and raw["kernel_launches_per_step"] >= 4 * n_layers
+    else:
+        assert raw["graph_launches_per_step"] >= 1, raw
+        assert raw["kernel_launches_per_step"] < raw["kernels_per_step"] / 2, raw

@@ -30,6 +30,8 @@ def summarize(raw: dict, *, batch: int, prompt_len: int, new_tokens: int) -> dic
         "collective_share": raw["collective_share"], "collectives_per_step": raw.get("collectives_per_step", {}),
         "kernels_per_step": raw.get("kernels_per_step"), "kernel_ms_per_step": raw.get("kernel_ms_per_step"),
         "profiled_ms_per_step": raw.get("profiled_ms_per_step"),
+        "graph_launches_per_step": raw.get("graph_launches_per_step"),
+        "kernel_launches_per_step": raw.get("kernel_launches_per_step"),
         "weight_bytes_per_rank": raw["weight_bytes"],
         "cache_bytes_per_rank": raw["cache_bytes"], "peak_memory_bytes": raw["peak_memory_bytes"],
         "bytes_per_step": bytes_per_step,
@@ -63,6 +65,8 @@ def table(record: dict) -> str:
          or "none"),
         ("device kernels per decode step (profiler)", "-" if record.get("kernels_per_step") is None
          else f"{record['kernels_per_step']:.0f}"),
+        ("host launches per decode step (profiler)", "-" if record.get("graph_launches_per_step") is None
+         else f"{record['graph_launches_per_step']:.0f} CUDA graphs, {record['kernel_launches_per_step']:.0f} kernels"),
         ("device kernel time per decode step (profiler)", "-" if record.get("kernel_ms_per_step") is None
          else f"{record['kernel_ms_per_step']:.3f} ms ({record['kernel_ms_per_step'] / record['decode_ms_run']:.0%} "
               f"of a whole run's step; under 100%: the GPU waits for launches or the host)"),

@@ -238,7 +238,8 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
         return {"load_seconds": load}
     return {"load_seconds": load, "prefill_seconds": prefill, "step_seconds": steps, "run_step_seconds": run,
             "collective_share": profiled.get("collective_share", 0.0), "collectives_per_step": dict(collectives),
-            **{k: profiled.get(k) for k in ("kernels_per_step", "kernel_ms_per_step", "profiled_ms_per_step")},
+            **{k: profiled.get(k) for k in ("kernels_per_step", "kernel_ms_per_step", "profiled_ms_per_step",
+                                            "graph_launches_per_step", "kernel_launches_per_step")},
             "weight_bytes": weights, "cache_bytes": cache, "read_bytes": int(read), "peak_memory_bytes": peak,
             "max_seq": gen.spec["max_seq"],
             "copy_bandwidth": _copy_bandwidth(engine.device) if engine.device.type == "cuda" else None,
@@ -268,8 +269,18 @@ def _profile(gen, prompts, steps: int, device_type: str, sync) -> dict:
            "kernels_per_step": None, "kernel_ms_per_step": None}
     if device_type == "cuda":
         kernels, kernel_us = device_kernels(averages)
-        out.update(kernels_per_step=kernels / steps, kernel_ms_per_step=kernel_us / steps / 1e3)
+        graphs, launches = host_launches(averages)
+        out.update(kernels_per_step=kernels / steps, kernel_ms_per_step=kernel_us / steps / 1e3,
+                   graph_launches_per_step=graphs / steps, kernel_launches_per_step=launches / steps)
     return out
+
+
+def host_launches(averages) -> tuple[int, int]:
+    """(CUDA graphs, single kernels) the host launched, from the CUDA runtime and driver calls in a profiler's
+    key_averages(): a step replayed as one CUDA graph has one graph and few kernels (sampling outside the graph)."""
+    graphs = sum(e.count for e in averages if e.key.startswith("cudaGraphLaunch"))
+    kernels = sum(e.count for e in averages if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+    return graphs, kernels
 
 
 def device_kernels(averages) -> tuple[int, float]:
