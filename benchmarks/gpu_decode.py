@@ -310,7 +310,7 @@ def enrich(r: dict, base: dict) -> dict:
         r["peak_over_weights_and_cache"] = r["peak_memory_bytes"] / (r["weight_bytes_per_rank"]
                                                                      + r["cache_bytes_per_rank"])
         floor(r)
-        if r.get("kernel_ms_per_step") and r.get("decode_ms_run"):  # kernel time over a whole run's step: under 1, the GPU waits
+        if r.get("kernel_ms_per_step") and r.get("decode_ms_run"):  # over a whole run's step: under 1, the GPU waits
             r["kernel_busy"] = r["kernel_ms_per_step"] / r["decode_ms_run"]
     elif ms and "matmul_weight_bytes" in r:  # transformers: the same count from its own weights
         r["decode_matmul_fraction"] = r["matmul_weight_bytes"] * r["batch"] / (ms / 1e3) / rate
