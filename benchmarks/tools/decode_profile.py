@@ -17,7 +17,7 @@ from tpcompile.pipeline import build_generation
 from tpcompile.config import CONF_DIR, register
 from tpcompile.lower import start_again_with_worker_env
 from tpcompile.runtime.engine import RankEngine
-from tpcompile.runtime.generate import Generation, device_kernels
+from tpcompile.runtime.generate import Generation, device_kernels, host_launches
 
 
 def main(overrides):
@@ -44,7 +44,9 @@ def main(overrides):
         wall = time.perf_counter() - t0
     events = prof.key_averages()
     _, kernel_us = device_kernels(events)
-    print(f"profiled: wall {wall / 20 * 1e3:.3f} ms/step, device busy {kernel_us / 20 / 1e3:.3f} ms/step")
+    graphs, launches = host_launches(events)
+    print(f"profiled: wall {wall / 20 * 1e3:.3f} ms/step, device busy {kernel_us / 20 / 1e3:.3f} ms/step, "
+          f"host launches {graphs / 20:.0f} CUDA graphs and {launches / 20:.0f} kernels per step")
     print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
 
