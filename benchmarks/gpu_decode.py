@@ -30,9 +30,9 @@ run left (warm): the process's wall time and the first-token time it reports.
 
 Every bench row gets, from the bench record's own floor (`floor_ms_filled`): `kv_bytes_filled` (mean KV bytes of
 the filled slots per decode step), `floor_ms` ((streamed weights + filled KV) / the bench's copy bandwidth) and
-`over_floor` (ms per token over it); and `kernel_busy`, the profiled kernel time of a step over a whole run's step
-(under 1: the GPU waited for launches or the host; the profiler's own wall per step is longer than an unprofiled
-step, so it is no denominator).
+`over_floor` (ms per token over it). Its `kernel_busy` (from `tpcompile bench`) is the profiled kernel time of a step
+over a whole run's step: under 1, the GPU waited for launches or the host (the profiler's own wall per step is
+longer than an unprofiled step, so it is no denominator).
 A prompt of 16,000 tokens fits a 16,384-slot artifact with 64 new tokens (`tpcompile bench` checks
 prompt + new - 1 <= max_seq; the chunks' left padding goes to the scratch slot).
 
@@ -310,8 +310,6 @@ def enrich(r: dict, base: dict) -> dict:
         r["peak_over_weights_and_cache"] = r["peak_memory_bytes"] / (r["weight_bytes_per_rank"]
                                                                      + r["cache_bytes_per_rank"])
         floor(r)
-        if r.get("kernel_ms_per_step") and r.get("decode_ms_run"):  # over a whole run's step: under 1, the GPU waits
-            r["kernel_busy"] = r["kernel_ms_per_step"] / r["decode_ms_run"]
     elif ms and "matmul_weight_bytes" in r:  # transformers: the same count from its own weights
         r["decode_matmul_fraction"] = r["matmul_weight_bytes"] * r["batch"] / (ms / 1e3) / rate
     return r

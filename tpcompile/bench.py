@@ -39,6 +39,8 @@ def summarize(raw: dict, *, batch: int, prompt_len: int, new_tokens: int) -> dic
         # a whole generation run, tokens read back at the end: the host queues steps ahead of the device
         "decode_ms_run": raw["run_step_seconds"] * 1e3, "decode_tokens_per_s_run": batch / raw["run_step_seconds"],
     }
+    if raw.get("kernel_ms_per_step"):  # kernel time over a whole run's (unprofiled) step: under 1, the GPU waits
+        record["kernel_busy"] = raw["kernel_ms_per_step"] / (raw["run_step_seconds"] * 1e3)
     if raw.get("copy_bandwidth"):
         record["copy_bandwidth_GBps"] = raw["copy_bandwidth"] / 1e9
         record["hbm_fraction"] = bytes_per_step / p50 / raw["copy_bandwidth"]
@@ -67,9 +69,9 @@ def table(record: dict) -> str:
          else f"{record['kernels_per_step']:.0f}"),
         ("host launches per decode step (profiler)", "-" if record.get("graph_launches_per_step") is None
          else f"{record['graph_launches_per_step']:.0f} CUDA graphs, {record['kernel_launches_per_step']:.0f} kernels"),
-        ("device kernel time per decode step (profiler)", "-" if record.get("kernel_ms_per_step") is None
-         else f"{record['kernel_ms_per_step']:.3f} ms ({record['kernel_ms_per_step'] / record['decode_ms_run']:.0%} "
-              f"of a whole run's step; under 100%: the GPU waits for launches or the host)"),
+        ("device kernel time per decode step (profiler)", "-" if record.get("kernel_busy") is None
+         else f"{record['kernel_ms_per_step']:.3f} ms ({record['kernel_busy']:.0%} of a whole run's step; "
+              f"under 100%: the GPU waits for launches or the host)"),
         ("weights + cache per rank", f"{record['weight_bytes_per_rank'] / 2**20:.1f} + "
                                      f"{record['cache_bytes_per_rank'] / 2**20:.1f} MiB"),
         ("bytes read per step per rank", f"{record['bytes_per_step'] / 2**20:.1f} MiB"

@@ -237,9 +237,7 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
     if rank != 0:
         return {"load_seconds": load}
     return {"load_seconds": load, "prefill_seconds": prefill, "step_seconds": steps, "run_step_seconds": run,
-            "collective_share": profiled.get("collective_share", 0.0), "collectives_per_step": dict(collectives),
-            **{k: profiled.get(k) for k in ("kernels_per_step", "kernel_ms_per_step", "profiled_ms_per_step",
-                                            "graph_launches_per_step", "kernel_launches_per_step")},
+            "collective_share": 0.0, **profiled, "collectives_per_step": dict(collectives),
             "weight_bytes": weights, "cache_bytes": cache, "read_bytes": int(read), "peak_memory_bytes": peak,
             "max_seq": gen.spec["max_seq"],
             "copy_bandwidth": _copy_bandwidth(engine.device) if engine.device.type == "cuda" else None,
@@ -248,9 +246,9 @@ def bench(engine, rank: int, world_size: int, prompt_len: int, new_tokens: int, 
 
 def _profile(gen, prompts, steps: int, device_type: str, sync) -> dict:
     """A few decode steps under torch.profiler: the share of their time in collectives, their wall time per step
-    and, on a GPU, the device kernels launched per step (inside CUDA graphs too; the fixed cost that a fusion
-    removes) and their summed time per step. Kernel time well under the wall time is time the GPU waits: launch
-    gaps or the host."""
+    (longer than an unprofiled step) and, on a GPU, the device kernels run per step (inside CUDA graphs too; the
+    fixed cost that a fusion removes), their summed time per step, and the CUDA graphs and single kernels the host
+    launched per step."""
     from torch.profiler import ProfilerActivity, profile
     lookahead, gen.lookahead = gen.lookahead, False  # every profiled step launched inside the window, none before
     gen.start(prompts, steps + 1)
@@ -266,7 +264,8 @@ def _profile(gen, prompts, steps: int, device_type: str, sync) -> dict:
     attr = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
     comm_us = sum(getattr(e, attr, 0.0) for e in averages if any(k in e.key.lower() for k in COLLECTIVE_EVENTS))
     out = {"collective_share": min(1.0, comm_us / 1e6 / wall), "profiled_ms_per_step": wall / steps * 1e3,
-           "kernels_per_step": None, "kernel_ms_per_step": None}
+           "kernels_per_step": None, "kernel_ms_per_step": None, "graph_launches_per_step": None,
+           "kernel_launches_per_step": None}
     if device_type == "cuda":
         kernels, kernel_us = device_kernels(averages)
         graphs, launches = host_launches(averages)
