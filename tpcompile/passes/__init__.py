@@ -21,6 +21,8 @@ OPTIONAL = {
     "fuse_linears": "linears that read the same input become one matmul per rank (after the partition)",
     "decode_attention": "one-query attention reads only the cache blocks its mask sees (GPU engines)",
     "share_attention_mask": "the mask every layer's decode_attention reads is made once per step, not per layer",
+    "one_row_linear": "a linear of one row reads its weight in one tuned kernel, a gated MLP's activation inside "
+                      "(GPU engines, after fuse_linears)",
     "fuse_allreduce_norm": "all-reduce + residual add + RMSNorm as one op (GPU, opt-in: backend.fuse_allreduce)",
 }
 DEFAULT_PASSES = frozenset({"fold_repeat_kv", "fuse_linears"})  # on any backend and device
@@ -30,7 +32,7 @@ def optional_passes(backend: str, device: str, skip=(), fuse_allreduce: bool = F
     """The optional passes a build for `backend` on `device` runs: those that help there, less `skip`."""
     on = set(DEFAULT_PASSES)
     if attention_wanted(backend, device):
-        on |= {"decode_attention", "share_attention_mask"}
+        on |= {"decode_attention", "share_attention_mask", "one_row_linear"}
     if fuse_allreduce and allreduce_wanted(backend, device):
         on.add("fuse_allreduce_norm")
     return frozenset(on - set(skip))

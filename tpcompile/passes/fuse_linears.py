@@ -41,9 +41,10 @@ def fuse_linears(gm: GraphModule, local_shapes: dict[str, tuple]) -> dict[str, l
             w = gm.graph.get_attr(name)
             out = gm.graph.call_function(aten.linear.default, (x, w))
             parts = gm.graph.call_function(aten.split_with_sizes.default, (out, [s[0] for s in shapes], -1))
-            for i, lin in enumerate(linears):
-                piece = gm.graph.call_function(operator.getitem, (parts, i))
-                lin.replace_all_uses_with(piece)
+            pieces = [gm.graph.call_function(operator.getitem, (parts, i)) for i in range(len(linears))]
+        _fused_meta(w, out, parts, pieces, linears, local_shapes[name])
+        for lin, piece in zip(linears, pieces):
+            lin.replace_all_uses_with(piece)
         for lin in linears:
             weight = lin.args[1]
             gm.graph.erase_node(lin)
@@ -55,6 +56,18 @@ def fuse_linears(gm: GraphModule, local_shapes: dict[str, tuple]) -> dict[str, l
         gm.graph.lint()
         gm.recompile()
     return fused
+
+
+def _fused_meta(w, out, parts, pieces, linears, shape) -> None:
+    """The new nodes' values (meta "val", as capture leaves them), for the passes after this one."""
+    vals = [lin.meta.get("val") for lin in linears]
+    if any(not isinstance(v, torch.Tensor) for v in vals):
+        return
+    for piece, lin in zip(pieces, linears):
+        piece.meta = dict(lin.meta)
+    w.meta["val"] = vals[0].new_empty(shape)
+    out.meta = {**linears[0].meta, "val": vals[0].new_empty(*vals[0].shape[:-1], shape[0])}
+    parts.meta = {**linears[0].meta, "val": vals}
 
 
 def _fused_name(fqns: list[str]) -> str:

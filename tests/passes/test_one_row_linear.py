@@ -1,0 +1,187 @@
+"""one_row_linear: which linears it replaces (llama_tiny's decode graph of one row, with and without fuse_linears)
+and which it leaves (prefill chunks, two rows, a bias); the rewritten graph against the captured one; the Triton
+kernel against the reference (linear in float64) in Triton's interpreter on the CPU and on a GPU, eager and compiled,
+and its tuning there (skipped without triton / CUDA). A GPU artifact built with the pass decodes what a full
+recompute does: tests/passes/test_decode_attention.py, whose artifact runs every GPU pass."""
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from tpcompile.capture import capture
+from tpcompile.passes import optional_passes
+from tpcompile.passes.fuse_linears import fuse_linears
+from tpcompile.passes.one_row_linear import one_row_linear
+
+ops = torch.ops.tpcompile
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+VOCAB, MAX_SEQ, LAYERS = 256, 40, 2
+
+
+def llama(batch: int):
+    from graphs.llama import Llama
+    torch.manual_seed(0)
+    model = Llama(VOCAB, 64, LAYERS, 4, 2, 128)
+    model.setup_cache(batch, MAX_SEQ, torch.float32)
+    return model.eval()
+
+
+def decode_graph(batch: int = 1, tokens: int = 1):
+    model = llama(batch)
+    ids = torch.randint(0, VOCAB, (batch, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a filled cache, so that attention reads something
+        model(ids, torch.arange(12).expand(batch, 12))
+    return capture(model, (torch.zeros(batch, tokens, dtype=torch.long), torch.full((batch, tokens), 12)))
+
+
+def linears(gm) -> int:
+    return sum(n.target == torch.ops.aten.linear.default for n in gm.graph.nodes)
+
+
+def test_the_one_row_decode_graph_reads_every_weight_through_the_op_and_computes_what_it_did():
+    """q, k, v, o, gate, up, down per layer and the head: 7 * 2 + 1 ops, the two down projections with the
+    activation inside (no silu, no mul left); the logits bit for bit (on the CPU the op is the linear it replaced)."""
+    gm = decode_graph()
+    before = copy.deepcopy(gm)
+    changed = one_row_linear(gm)
+    assert len(changed) == 7 * LAYERS + 1 and linears(gm) == 0
+    assert sum("silu(g) * u" in c for c in changed) == LAYERS
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(ops.row_linear.default) == 7 * LAYERS + 1
+    assert torch.ops.aten.silu.default not in targets
+    gated = [n for n in gm.graph.nodes if n.target == ops.row_linear.default and n.args[2] is not None]
+    assert [tuple(n.args[1].meta["val"].shape) for n in gated] == [(64, 128)] * LAYERS
+    ids, pos = torch.tensor([[7]]), torch.tensor([[12]])
+    with torch.no_grad():
+        want, got = before(ids, pos), gm(ids, pos)
+    assert torch.equal(got, want)
+
+
+def test_after_fuse_linears_each_fused_weight_is_one_product():
+    gm = decode_graph()
+    shapes = {name: tuple(p.shape) for name, p in gm.named_parameters()}
+    fused = fuse_linears(gm, shapes)
+    assert len(fused) == 2 * LAYERS  # q/k/v and gate/up of each layer
+    changed = one_row_linear(gm)
+    assert len(changed) == 4 * LAYERS + 1
+    assert sum(c.split(":")[1].startswith(" 128 x 64") for c in changed) == LAYERS  # q/k/v: 64 + 2 * 32 rows
+
+
+def test_linears_of_more_than_one_row_or_with_a_bias_are_left_alone():
+    """Two rows, a chunk of 8 tokens (whose head reads the last token only: one row, replaced), a bias."""
+    assert one_row_linear(decode_graph(batch=2)) == []
+    chunk = decode_graph(tokens=8)
+    changed = one_row_linear(chunk)
+    assert len(changed) == 1 and f"{VOCAB} x 64" in changed[0] and linears(chunk) == 7 * LAYERS
+
+    class Biased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.proj(x)
+    gm = capture(Biased(), (torch.randn(1, 1, 16),))
+    assert one_row_linear(gm) == [] and linears(gm) == 1
+
+
+def test_the_pass_runs_on_gpu_engines_only_and_can_be_skipped():
+    assert "one_row_linear" in optional_passes("aoti_cudagraphs", "cuda")
+    assert "one_row_linear" in optional_passes("eager", "cuda:0")
+    assert "one_row_linear" not in optional_passes("inductor", "cpu")
+    assert "one_row_linear" not in optional_passes("onnx", "cuda")
+    assert "one_row_linear" not in optional_passes("aoti", "cuda", skip=["one_row_linear"])
+
+
+# n, k, gated, config: rows and columns that the blocks do not divide, a K shorter than a block, one row per program
+CASES = [(40, 96, False, (4, 64, 4, 1)), (37, 200, True, (8, 64, 4, 2)), (5, 33, True, (1, 128, 4, 1)),
+         (64, 512, False, (16, 128, 8, 1)), (3, 1030, True, (2, 1024, 4, 1))]
+
+
+def run_case(case, dtype, device, op):
+    n, k, gated, config = case
+    gen = torch.Generator().manual_seed(n * k)
+    x = torch.randn(1, 1, k, generator=gen).to(dtype).to(device)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).to(device)
+    up = torch.randn(1, 1, k, generator=gen).to(dtype).to(device) if gated else None
+    got = op(x, w, up, config)
+    d = torch.float64
+    want = torch.nn.functional.linear(torch.nn.functional.silu(x.to(d)) * up.to(d) if gated else x.to(d), w.to(d))
+    return got, want
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton's interpreter needs triton")
+def test_kernel_in_the_triton_interpreter_equals_the_reference():
+    """float32 and float16 (the interpreter has no bfloat16), every case, in a process with TRITON_INTERPRET=1: within
+    float32 summation order, or a float16 rounding of the output."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    code = ("import torch; from tests.passes.test_one_row_linear import CASES, run_case; "
+            "from tpcompile.kernels.gemv import launch\n"
+            "for dtype in (torch.float32, torch.float16):\n"
+            "    for case in CASES:\n"
+            "        got, want = run_case(case, dtype, 'cpu', launch)\n"
+            "        assert got.dtype == dtype and got.shape == want.shape, (case, got.shape)\n"
+            "        err = ((got.double() - want).abs() / (want.abs() + 1)).max().item()\n"
+            "        assert err <= (1e-5 if dtype == torch.float32 else 2 ** -10), (case, dtype, err)\n"
+            "        print(case, dtype, err)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("torch.float") == 2 * len(CASES)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernel needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_on_the_gpu_equals_the_reference_eager_and_compiled(dtype):
+    """bfloat16: within a rounding of the output and no further from float64 than twice cuBLAS's bfloat16 product."""
+    from tpcompile.kernels.gemv import launch
+    from tpcompile.kernels.row_linear import reference
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w, up, c: ops.row_linear(x, w, up, list(c)), fullgraph=True, dynamic=False)
+    for case in CASES:
+        for op in (launch, compiled):
+            got, want = run_case(case, dtype, "cuda", op)
+            assert got.dtype == dtype and got.shape == want.shape
+            if dtype == torch.float32:
+                assert ((got.double() - want).abs() / (want.abs() + 1)).max().item() <= 1e-5, case
+                continue
+            torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=2 ** -7, msg=str(case))
+            theirs, _ = run_case(case, dtype, "cuda", reference)
+            err, err_theirs = ((t.double() - want).norm() / want.norm() for t in (got, theirs))
+            assert err <= 2 * err_theirs + 1e-4, (case, err, err_theirs)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernel needs CUDA and triton")
+def test_tuning_on_the_gpu_picks_a_candidate_and_the_pass_writes_it():
+    from tpcompile.kernels.gemv import CANDIDATES, tune
+    config = tune(256, 1024, True, torch.bfloat16, "cuda:0")
+    assert config in CANDIDATES
+    gm = decode_graph()
+    changed = one_row_linear(gm, "cuda:0")
+    assert len(changed) == 7 * LAYERS + 1
+    assert all(tuple(n.args[3]) in CANDIDATES for n in gm.graph.nodes if n.target == ops.row_linear.default)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernel needs CUDA and triton")
+@pytest.mark.parametrize("backend", ["inductor", "aoti"])
+def test_gpu_artifact_of_one_row_decodes_what_a_full_recompute_does(backend, job_config):
+    """An artifact of one row (generation.max_batch=1): its decode graph reads every weight through the op (q/k/v,
+    o, gate/up, down per layer, the head), and greedy tokens equal a full recompute of the unsharded model."""
+    from tests.test_generate import PROMPTS, recompute
+    from tpcompile.api import Artifact
+    from tpcompile.pipeline import build_generation, load_model
+    from tpcompile.weights import materialize
+    job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1", "generation.max_batch=1")
+    artifact = Artifact(build_generation(job).path)
+    layers = len({f.split(".")[1] for f in artifact.manifest.params if f.startswith("layers.")})
+    assert len(artifact.manifest.changes["decode"]["one_row_linear"]) == 4 * layers + 1
+    model = load_model(job, seq_len=job.generation.max_seq)
+    ref = materialize(model.module, model.source, model.dtype)
+    for prompt in PROMPTS:
+        assert artifact.generate([prompt], 24)[0] == recompute(ref, prompt, 24)[0]

@@ -1,0 +1,95 @@
+"""The Triton kernel behind torch.ops.tpcompile.row_linear (row_linear.py): one row times a weight matrix,
+y = W @ x, reading W once at the copy rate, with a gated MLP's activation silu(x) * up made inside.
+
+    program i: rows i * BLOCK_N ... of W, the whole K in steps of BLOCK_K. Each step loads a chunk of x (and of up,
+    computing the activation there) once for its BLOCK_N rows, and a BLOCK_N x BLOCK_K tile of W, which is read once
+    and so loaded with evict_first; fp32 accumulation.
+
+The launch settings that reach the copy rate depend on the shape and the GPU (a long K wants several rows per
+program to share the chunks of x; few rows want narrow programs so that every SM has work), so `tune` measures a
+short list of them on the GPU the engine is built for, the way a decode step reads weights (each from HBM, in a
+CUDA graph), and the pass writes the fastest into the graph. Needs triton; imported only on a GPU (or in Triton's
+interpreter, TRITON_INTERPRET=1).
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
+
+from tpcompile.kernels.row_linear import DEFAULT
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): the settings that won for llama_1b's and llama_8b's products on an H200
+# in a wider sweep (benchmarks/gemv.py)
+CANDIDATES = [(1, 1024, 4, 1), (1, 4096, 8, 1), (2, 1024, 4, 1), (2, 2048, 8, 1), (2, 4096, 4, 1), (2, 4096, 4, 2),
+              (4, 1024, 8, 1), (4, 2048, 4, 1), (8, 1024, 4, 2), (8, 2048, 4, 1), (8, 2048, 8, 1)]
+
+
+@triton.jit
+def _gemv_kernel(X, U, W, Y, N, K, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_ok = rows < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ks_ok = ks < K
+        x = tl.load(X + ks, mask=ks_ok, other=0.0).to(tl.float32)
+        if GATED:
+            up = tl.load(U + ks, mask=ks_ok, other=0.0).to(tl.float32)
+            x = x * tl.sigmoid(x) * up
+        w = tl.load(W + rows[:, None] * K + ks[None, :], mask=rows_ok[:, None] & ks_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
+    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows_ok)
+
+
+def launch(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | None, config=DEFAULT) -> torch.Tensor:
+    """x (..., K) holding one row, contiguous; w (N, K) contiguous; up None or like x -> (..., N) in x's dtype.
+    Runs the kernel directly or, under torch.compile / export, as a wrapped Triton kernel."""
+    n, k = w.shape
+    block_n, block_k, warps, stages = config
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    kernel = wrap_triton(_gemv_kernel) if isinstance(_gemv_kernel, JITFunction) else _gemv_kernel  # not when interpreted
+    kernel[(triton.cdiv(n, block_n),)](x, up if up is not None else x, w, y, n, k, up is not None, block_n, block_k,
+                                       num_warps=warps, num_stages=stages)
+    return y
+
+
+@functools.cache
+def tune(n: int, k: int, gated: bool, dtype: torch.dtype, device: str) -> tuple:
+    """The fastest of CANDIDATES for an (n, k) weight on `device` (a CUDA device), as a decode step reads it: a
+    CUDA graph of calls over enough copies of the weight that none is served from L2."""
+    dev = torch.device(device)
+    copies = max(1, -(-(256 << 20) // (n * k * torch.finfo(dtype).bits // 8)))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    weights = [torch.randn(n, k, device=dev, dtype=dtype, generator=gen) for _ in range(copies)]
+    x = torch.randn(1, k, device=dev, dtype=dtype, generator=gen)
+    up = torch.randn(1, k, device=dev, dtype=dtype, generator=gen) if gated else None
+    best = (float("inf"), DEFAULT)
+    with torch.cuda.device(dev):
+        for config in CANDIDATES:
+            if config[1] > 2 * triton.next_power_of_2(k):
+                continue
+            for w in weights:  # compiles, and warms the caches
+                launch(x, w, up, config)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(4):
+                    for w in weights:
+                        launch(x, w, up, config)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            graph.replay()
+            start.record()
+            for _ in range(3):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            best = min(best, (start.elapsed_time(end), config))
+            del graph
+    del weights
+    torch.cuda.empty_cache()
+    return best[1]
