@@ -113,6 +113,8 @@ def run_case(case, dtype, device, op):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton's interpreter needs triton")
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the GPU tests check the kernel itself (and triton 3.6's interpreter "
+                                     "fails on a loop bound that is an argument, with NumPy 2)")
 def test_kernel_in_the_triton_interpreter_equals_the_reference():
     """float32 and float16 (the interpreter has no bfloat16), every case, in a process with TRITON_INTERPRET=1: within
     float32 summation order, or a float16 rounding of the output."""
