@@ -143,7 +143,8 @@ def cmd_bench(job) -> dict:
     record.update(start_seconds=ready, load_seconds_per_rank=[r["load_seconds"] for r in replies])
     record.update(artifact=str(built.path), model=job.model.name, tp=job.tp, backend=job.backend.name,
                   dtype=job.dtype, max_seq=g.max_seq, passes=sorted(job.backend.passes(job.runtime.device)),
-                  inductor_options=inductor_options(job.backend.name, job.runtime.device), **provenance())
+                  inductor_options=inductor_options(job.backend.name, job.runtime.device),
+                  pass_changes=_optional_pass_changes(built.path), **provenance())
     print(table(record))
     if b.results_dir:
         out = Path(b.results_dir)
@@ -151,6 +152,15 @@ def cmd_bench(job) -> dict:
         name = f"bench_{job.model.name}_tp{job.tp}_{job.backend.name}_{job.dtype}_b{g.max_batch}_{record['date']}.json"
         (out / name.replace(":", "")).write_text(json.dumps(record, indent=1))
     return record
+
+
+def _optional_pass_changes(path: Path) -> dict:
+    """{graph: {optional pass: what it changed}} from an artifact's manifest (the launch settings one_row_linear
+    tuned, say), for the passes that changed something."""
+    from tpcompile.artifact import read_manifest
+    from tpcompile.passes import OPTIONAL
+    changes = read_manifest(Path(path)).changes
+    return {graph: {p: c for p, c in passes.items() if p in OPTIONAL and c} for graph, passes in changes.items()}
 
 
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "verify": cmd_verify, "inspect": cmd_inspect,
