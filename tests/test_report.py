@@ -47,7 +47,8 @@ def test_report_tables_a_sweep_and_draws_it(run_cli, sweep):
     profiled = json.loads((sweep / "0" / "bench.json").read_text())
     assert profiled["kernel_ms_per_step"] is None and "kernel_busy" not in profiled  # kernels: GPU only
     # what the optional passes changed, from the artifact: fuse_linears on any device, the GPU passes not on the CPU
-    assert profiled["pass_changes"]["decode"]["fuse_linears"] and "one_row_linear" not in profiled["pass_changes"]["decode"]
+    decode = profiled["pass_changes"]["decode"]
+    assert decode["fuse_linears"] and "one_row_linear" not in decode
     # the profiled steps' wall: a step's order, not the profiler starting and collecting
     assert 0 < profiled["profiled_ms_per_step"] < 4 * profiled["decode_ms_p99"]
     assert [float(row["decode_ms_run"]) for row in rows] == pytest.approx(run, rel=1e-6)

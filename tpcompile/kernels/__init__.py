@@ -1,8 +1,8 @@
 """Ops that passes put into rank graphs, registered as torch ops (namespace "tpcompile") when their module is
 imported: an engine file that calls one can be loaded (torch.export.load) only after that import. This package
-imports allreduce_norm; decode_attention and row_linear are imported where a graph may call them (its pass, and `gpu_ops` from
-the eager and inductor loaders and the aoti compile on a GPU), because registering it as a triton_op imports
-torch's compiler, which an aoti or onnx worker never needs.
+imports allreduce_norm; decode_attention and row_linear are imported where a graph may call them (their passes,
+and `gpu_ops` from the eager and inductor loaders and the aoti compile on a GPU), because registering one as a
+triton_op imports torch's compiler, which an aoti or onnx worker never needs.
 
     decode_attention.py  attention of one query per row over the part of a static KV cache its mask sees: the
                        reference (SDPA) on any device; split-KV Triton kernels (flash_decode.py) on GPUs
@@ -15,8 +15,8 @@ from tpcompile.kernels import allreduce_norm  # noqa: F401  registers torch.ops.
 
 
 def gpu_ops(device) -> None:
-    """Register the ops that only GPU graphs call (decode_attention, row_linear, the prim of share_attention_mask) before a
-    graph on `device` is loaded or compiled; nothing on other devices."""
+    """Register the ops that only GPU graphs call (decode_attention, row_linear, the prim of share_attention_mask)
+    before a graph on `device` is loaded or compiled; nothing on other devices."""
     import torch
     if torch.device(device).type == "cuda":
         import tpcompile.kernels.decode_attention  # noqa: F401  registers torch.ops.tpcompile.decode_attention

@@ -52,7 +52,8 @@ def launch(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | None, config=DEF
     n, k = w.shape
     block_n, block_k, warps, stages = config
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    kernel = wrap_triton(_gemv_kernel) if isinstance(_gemv_kernel, JITFunction) else _gemv_kernel  # not when interpreted
+    interpreted = not isinstance(_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1: run it as it is
+    kernel = _gemv_kernel if interpreted else wrap_triton(_gemv_kernel)
     kernel[(triton.cdiv(n, block_n),)](x, up if up is not None else x, w, y, n, k, up is not None, block_n, block_k,
                                        num_warps=warps, num_stages=stages)
     return y
