@@ -1,4 +1,5 @@
-"""one_row_linear: which linears it replaces (llama_tiny's decode graph of one row, with and without fuse_linears)
+"""one_row_linear: which linears it replaces (llama_tiny's decode graph of one row, with and without fuse_linears,
+and transformers' Llama's)
 and which it leaves (prefill chunks, two rows, a bias); the rewritten graph against the captured one; the Triton
 kernel against the reference (linear in float64) in Triton's interpreter on the CPU and on a GPU, eager and compiled,
 and its tuning there (skipped without triton / CUDA). A GPU artifact built with the pass decodes what a full
@@ -187,3 +188,22 @@ def test_gpu_artifact_of_one_row_decodes_what_a_full_recompute_does(backend, job
     ref = materialize(model.module, model.source, model.dtype)
     for prompt in PROMPTS:
         assert artifact.generate([prompt], 24)[0] == recompute(ref, prompt, 24)[0]
+
+
+def test_transformers_llama_decode_graph_of_one_row_reads_every_weight_through_the_op():
+    """transformers' Llama captured through the wrapper (on the meta device, as builds capture it; its SiLU
+    activation module, its own linears): the same products as llama_tiny's graph, the gate read through the op."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tpcompile.hf_model import CausalLM
+    from tpcompile.runtime.generate import generation_inputs
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = CausalLM(LlamaForCausalLM(config))
+        model.setup_cache(1, MAX_SEQ, torch.float32)
+    gm = capture(model, generation_inputs(1, 1, MAX_SEQ, VOCAB)[1])
+    changed = one_row_linear(gm)
+    assert len(changed) == 7 * LAYERS + 1 and linears(gm) == 0
+    assert sum("silu(g) * u" in c for c in changed) == LAYERS
+    assert torch.ops.aten.silu.default not in [n.target for n in gm.graph.nodes]
