@@ -2,8 +2,8 @@
 and transformers' Llama's)
 and which it leaves (prefill chunks, two rows, a bias); the rewritten graph against the captured one; the Triton
 kernel against the reference (linear in float64) in Triton's interpreter on the CPU and on a GPU, eager and compiled,
-and its tuning there (skipped without triton / CUDA). A GPU artifact built with the pass decodes what a full
-recompute does: tests/passes/test_decode_attention.py, whose artifact runs every GPU pass."""
+and its tuning there; GPU artifacts of one row built with the pass decode what a full recompute does (the GPU tests
+are skipped without triton / CUDA)."""
 import copy
 import importlib.util
 
