@@ -19,7 +19,7 @@ from tpcompile.lower import backend as get_backend, build_info, inductor_options
 from tpcompile.passes import DEFAULT_PASSES, Partition, optional_passes, partition
 from tpcompile.passes.fold_repeat_kv import fold_repeat_kv
 from tpcompile.passes.fuse_linears import fuse_linears
-from tpcompile.passes.one_row_linear import one_row_linear
+from tpcompile.passes.one_row_linear import fuse_norm_residual, one_row_linear
 from tpcompile.placement import shard_tensor
 from tpcompile.plan import Rule, make_plan, plan_table, rules_yaml
 from tpcompile.progress import progress
@@ -130,6 +130,8 @@ def build(graphs: dict[str, GraphSpec], *, rules: list[Rule], tp: int, backend: 
     if "one_row_linear" in passes:  # after fuse_linears: a fused weight is one product
         for pre in pres.values():
             pre.partition.changes["one_row_linear"] = one_row_linear(pre.partition.gm, device)
+            if "fuse_norm_residual" in passes:
+                pre.partition.changes["fuse_norm_residual"] = fuse_norm_residual(pre.partition.gm, device)
     staging = staging_dir(Path(out_root), key)
     try:
         programs = {name: rank_program(pres[name].partition.gm, layout.local_shapes, layout.dtypes, g.example_args,

@@ -51,6 +51,8 @@ class BackendConfig:
     name: str = "eager"                # a file in conf/backend: eager, inductor, aoti, onnx, ... (*_cudagraphs)
     fuse_allreduce: bool = False       # all-reduce + residual add + RMSNorm as one op (passes/fuse_allreduce_norm.py)
                                        # on CUDA engines that can call it; off by default: its GPU kernel is unmeasured
+    fuse_norm_residual: bool = False   # RMSNorm and residual add into the one-row products' kernel
+                                       # (passes/one_row_linear.py); off by default: not yet measured on a GPU
     skip_passes: list[str] = field(default_factory=list)  # optional passes to leave out, e.g. [decode_attention]
                                        # (tpcompile.passes.OPTIONAL): to measure each one's effect
 
@@ -67,7 +69,7 @@ class BackendConfig:
     def passes(self, device: str) -> frozenset:
         """The optional passes a build of this backend on `device` runs."""
         from tpcompile.passes import optional_passes
-        return optional_passes(self.name, device, self.skip_passes, self.fuse_allreduce)
+        return optional_passes(self.name, device, self.skip_passes, self.fuse_allreduce, self.fuse_norm_residual)
 
 
 @dataclass

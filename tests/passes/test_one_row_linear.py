@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from tpcompile.capture import capture
+from tpcompile.kernels.row_linear import reference
 from tpcompile.passes import optional_passes
 from tpcompile.passes.fuse_linears import fuse_linears
-from tpcompile.passes.one_row_linear import one_row_linear
+from tpcompile.passes.one_row_linear import fuse_norm_residual, one_row_linear
 
 ops = torch.ops.tpcompile
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -22,10 +23,13 @@ VOCAB, MAX_SEQ, LAYERS = 256, 40, 2
 
 
 def llama(batch: int):
-    from graphs.llama import Llama
+    from graphs.llama import Llama, RMSNorm
     torch.manual_seed(0)
     model = Llama(VOCAB, 64, LAYERS, 4, 2, 128)
     model.setup_cache(batch, MAX_SEQ, torch.float32)
+    for m in model.modules():  # norm weights that are not ones, so that a norm applied without them shows
+        if isinstance(m, RMSNorm):
+            m.weight.data = torch.rand(m.weight.shape) + 0.5
     return model.eval()
 
 
@@ -88,28 +92,91 @@ def test_linears_of_more_than_one_row_or_with_a_bias_are_left_alone():
     assert one_row_linear(gm) == [] and linears(gm) == 1
 
 
+def count(gm, target) -> int:
+    return sum(n.target == target for n in gm.graph.nodes)
+
+
+def test_norms_and_residual_adds_go_into_the_op_and_the_graph_computes_what_it_did():
+    """fuse_norm_residual after one_row_linear: q, k, v, gate, up and the head take their RMSNorm inside (5 per layer
+    + 1), o and down their residual add (2 per layer); no norm is left and 2 adds per layer fewer; the logits within
+    float32 rounding (the op's reference computes the norm with torch's rms_norm)."""
+    gm = decode_graph()
+    before = copy.deepcopy(gm)
+    one_row_linear(gm)
+    adds = count(gm, torch.ops.aten.add.Tensor)
+    changed = fuse_norm_residual(gm)
+    assert len(changed) == 7 * LAYERS + 1
+    assert sum("rms_norm(" in c for c in changed) == 5 * LAYERS + 1
+    assert sum(", + " in c or ": + " in c for c in changed) == 2 * LAYERS
+    assert count(gm, torch.ops.aten.rms_norm.default) == 0
+    assert count(gm, torch.ops.aten.add.Tensor) == adds - 2 * LAYERS
+    ids, pos = torch.tensor([[7]]), torch.tensor([[12]])
+    with torch.no_grad():
+        want, got = before(ids, pos), gm(ids, pos)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert fuse_norm_residual(gm) == []  # nothing left to take in
+
+
+def test_after_fuse_linears_each_fused_product_takes_its_norm_or_its_residual():
+    gm = decode_graph()
+    fuse_linears(gm, {name: tuple(p.shape) for name, p in gm.named_parameters()})
+    one_row_linear(gm)
+    changed = fuse_norm_residual(gm)
+    assert len(changed) == 4 * LAYERS + 1
+    assert sum("rms_norm(" in c for c in changed) == 2 * LAYERS + 1  # q/k/v and gate/up of each layer, the head
+    assert count(gm, torch.ops.aten.rms_norm.default) == 0
+
+
+def test_a_norm_read_by_another_op_stays_and_is_not_taken_in():
+    """The norm's result also read by something else than the op: computing it twice would cost, so it stays."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.RMSNorm(16, eps=1e-6)
+            self.proj = torch.nn.Linear(16, 8, bias=False)
+
+        def forward(self, x):
+            n = self.norm(x)
+            return self.proj(n), n * 2
+    gm = capture(Block(), (torch.randn(1, 1, 16),))
+    assert len(one_row_linear(gm)) == 1
+    assert fuse_norm_residual(gm) == []
+
+
 def test_the_pass_runs_on_gpu_engines_only_and_can_be_skipped():
     assert "one_row_linear" in optional_passes("aoti_cudagraphs", "cuda")
     assert "one_row_linear" in optional_passes("eager", "cuda:0")
     assert "one_row_linear" not in optional_passes("inductor", "cpu")
     assert "one_row_linear" not in optional_passes("onnx", "cuda")
     assert "one_row_linear" not in optional_passes("aoti", "cuda", skip=["one_row_linear"])
+    assert "fuse_norm_residual" not in optional_passes("aoti", "cuda")  # opt-in
+    assert "fuse_norm_residual" in optional_passes("aoti", "cuda", fuse_norm_residual=True)
+    assert "fuse_norm_residual" not in optional_passes("aoti", "cpu", fuse_norm_residual=True)
 
 
-# n, k, gated, config: rows and columns that the blocks do not divide, a K shorter than a block, one row per program
-CASES = [(40, 96, False, (4, 64, 4, 1)), (37, 200, True, (8, 64, 4, 2)), (5, 33, True, (1, 128, 4, 1)),
-         (64, 512, False, (16, 128, 8, 1)), (3, 1030, True, (2, 1024, 4, 1))]
+# n, k, what the op does around the product, config: rows and columns that the blocks do not divide, a K shorter
+# than a block, one row per program
+CASES = [(40, 96, "", (4, 64, 4, 1)), (37, 200, "gated", (8, 64, 4, 2)), (5, 33, "gated", (1, 128, 4, 1)),
+         (64, 512, "", (16, 128, 8, 1)), (3, 1030, "gated", (2, 1024, 4, 1)), (40, 96, "normed", (4, 64, 4, 1)),
+         (37, 1030, "normed residual", (8, 256, 4, 2)), (5, 200, "gated residual", (2, 128, 4, 1)),
+         (64, 33, "residual", (16, 32, 4, 1))]
 
 
 def run_case(case, dtype, device, op):
-    n, k, gated, config = case
+    """op(x, w, up, config, norm, eps, residual) (gemv.launch's order) against the float64 reference."""
+    n, k, what, config = case
     gen = torch.Generator().manual_seed(n * k)
-    x = torch.randn(1, 1, k, generator=gen).to(dtype).to(device)
-    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).to(device)
-    up = torch.randn(1, 1, k, generator=gen).to(dtype).to(device) if gated else None
-    got = op(x, w, up, config)
+
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+    x, w = t(1, 1, k, scale=3.0), t(n, k, scale=k ** -0.5)
+    up = t(1, 1, k) if "gated" in what else None
+    norm = (torch.rand(k, generator=gen) + 0.5).to(dtype).to(device) if "normed" in what else None
+    residual = t(1, 1, n) if "residual" in what else None
+    got = op(x, w, up, config, norm, 1e-5, residual)
     d = torch.float64
-    want = torch.nn.functional.linear(torch.nn.functional.silu(x.to(d)) * up.to(d) if gated else x.to(d), w.to(d))
+    want = reference(x.to(d), w.to(d), up.to(d) if up is not None else None,
+                     norm.to(d) if norm is not None else None, 1e-5, residual.to(d) if residual is not None else None, [])
     return got, want
 
 
@@ -144,9 +211,9 @@ def test_kernel_in_the_triton_interpreter_equals_the_reference():
 def test_kernel_on_the_gpu_equals_the_reference_eager_and_compiled(dtype):
     """bfloat16: within a rounding of the output and no further from float64 than twice cuBLAS's bfloat16 product."""
     from tpcompile.kernels.gemv import launch
-    from tpcompile.kernels.row_linear import reference
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x, w, up, c: ops.row_linear(x, w, up, list(c)), fullgraph=True, dynamic=False)
+    compiled = torch.compile(lambda x, w, up, c, norm, eps, r: ops.row_linear(x, w, up, norm, eps, r, list(c)),
+                             fullgraph=True, dynamic=False)
     for case in CASES:
         for op in (launch, compiled):
             got, want = run_case(case, dtype, "cuda", op)
@@ -155,7 +222,8 @@ def test_kernel_on_the_gpu_equals_the_reference_eager_and_compiled(dtype):
                 assert ((got.double() - want).abs() / (want.abs() + 1)).max().item() <= 1e-5, case
                 continue
             torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=2 ** -7, msg=str(case))
-            theirs, _ = run_case(case, dtype, "cuda", reference)
+            theirs, _ = run_case(case, dtype, "cuda", lambda x, w, up, c, norm, eps, r: reference(x, w, up, norm, eps,
+                                                                                                  r, c))
             err, err_theirs = ((t.double() - want).norm() / want.norm() for t in (got, theirs))
             assert err <= 2 * err_theirs + 1e-4, (case, err, err_theirs)
 
@@ -163,27 +231,32 @@ def test_kernel_on_the_gpu_equals_the_reference_eager_and_compiled(dtype):
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernel needs CUDA and triton")
 def test_tuning_on_the_gpu_picks_a_candidate_and_the_pass_writes_it():
     from tpcompile.kernels.gemv import CANDIDATES, tune
-    config = tune(256, 1024, True, torch.bfloat16, "cuda:0")
-    assert config in CANDIDATES
+    assert tune(256, 1024, True, torch.bfloat16, "cuda:0") in CANDIDATES
+    assert tune(256, 1024, False, torch.bfloat16, "cuda:0", normed=True, residual=True) in CANDIDATES
     gm = decode_graph()
     changed = one_row_linear(gm, "cuda:0")
     assert len(changed) == 7 * LAYERS + 1
-    assert all(tuple(n.args[3]) in CANDIDATES for n in gm.graph.nodes if n.target == ops.row_linear.default)
+    assert len(fuse_norm_residual(gm, "cuda:0")) == 7 * LAYERS + 1
+    assert all(tuple(n.args[6]) in CANDIDATES for n in gm.graph.nodes if n.target == ops.row_linear.default)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernel needs CUDA and triton")
 @pytest.mark.parametrize("backend", ["inductor", "aoti"])
-def test_gpu_artifact_of_one_row_decodes_what_a_full_recompute_does(backend, job_config):
+@pytest.mark.parametrize("fuse", [False, True], ids=["", "fuse_norm_residual"])
+def test_gpu_artifact_of_one_row_decodes_what_a_full_recompute_does(backend, fuse, job_config):
     """An artifact of one row (generation.max_batch=1): its decode graph reads every weight through the op (q/k/v,
-    o, gate/up, down per layer, the head), and greedy tokens equal a full recompute of the unsharded model."""
+    o, gate/up, down per layer, the head), with fuse_norm_residual every one of them takes its norm or its residual
+    add in; greedy tokens equal a full recompute of the unsharded model."""
     from tests.test_generate import PROMPTS, recompute
     from tpcompile.api import Artifact
     from tpcompile.pipeline import build_generation, load_model
     from tpcompile.weights import materialize
-    job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1", "generation.max_batch=1")
+    job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1", "generation.max_batch=1",
+                     f"backend.fuse_norm_residual={fuse}")
     artifact = Artifact(build_generation(job).path)
     layers = len({f.split(".")[1] for f in artifact.manifest.params if f.startswith("layers.")})
     assert len(artifact.manifest.changes["decode"]["one_row_linear"]) == 4 * layers + 1
+    assert len(artifact.manifest.changes["decode"].get("fuse_norm_residual", [])) == (4 * layers + 1 if fuse else 0)
     model = load_model(job, seq_len=job.generation.max_seq)
     ref = materialize(model.module, model.source, model.dtype)
     for prompt in PROMPTS:
@@ -207,3 +280,6 @@ def test_transformers_llama_decode_graph_of_one_row_reads_every_weight_through_t
     assert len(changed) == 7 * LAYERS + 1 and linears(gm) == 0
     assert sum("silu(g) * u" in c for c in changed) == LAYERS
     assert torch.ops.aten.silu.default not in [n.target for n in gm.graph.nodes]
+    # its RMSNorm is written out (float32 inside, rounded back): the same five norms per layer go in, and the head's
+    changed = fuse_norm_residual(gm)
+    assert sum("rms_norm(" in c for c in changed) == 5 * LAYERS + 1 and count(gm, torch.ops.aten.rsqrt.default) == 0

@@ -23,16 +23,21 @@ OPTIONAL = {
     "share_attention_mask": "the mask every layer's decode_attention reads is made once per step, not per layer",
     "one_row_linear": "a linear of one row reads its weight in one tuned kernel, a gated MLP's activation inside "
                       "(GPU engines, after fuse_linears)",
+    "fuse_norm_residual": "the RMSNorm before a one-row product and the residual add after it go into its kernel "
+                          "(GPU, opt-in: backend.fuse_norm_residual)",
     "fuse_allreduce_norm": "all-reduce + residual add + RMSNorm as one op (GPU, opt-in: backend.fuse_allreduce)",
 }
 DEFAULT_PASSES = frozenset({"fold_repeat_kv", "fuse_linears"})  # on any backend and device
 
 
-def optional_passes(backend: str, device: str, skip=(), fuse_allreduce: bool = False) -> frozenset[str]:
+def optional_passes(backend: str, device: str, skip=(), fuse_allreduce: bool = False,
+                    fuse_norm_residual: bool = False) -> frozenset[str]:
     """The optional passes a build for `backend` on `device` runs: those that help there, less `skip`."""
     on = set(DEFAULT_PASSES)
     if attention_wanted(backend, device):
         on |= {"decode_attention", "share_attention_mask", "one_row_linear"}
+        if fuse_norm_residual:
+            on.add("fuse_norm_residual")
     if fuse_allreduce and allreduce_wanted(backend, device):
         on.add("fuse_allreduce_norm")
     return frozenset(on - set(skip))

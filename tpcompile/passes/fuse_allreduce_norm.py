@@ -24,33 +24,20 @@ unless a caller applies the pass itself (the tests do, to check the op against t
 Runs on the rank graph, after insert_collectives.
 """
 import operator
-from dataclasses import dataclass, field
 
 import torch
 from torch.fx import GraphModule, Node
 
 import tpcompile.kernels  # noqa: F401  registers torch.ops.tpcompile.*
-from tpcompile.passes.nodes import tensor_val as _val
+from tpcompile.passes.nodes import ASSERT, rms_norm_of, tensor_val as _val, users_of as _users
 
 aten, c10d, ops = torch.ops.aten, torch.ops._c10d_functional, torch.ops.tpcompile
-ASSERT = aten._assert_tensor_metadata.default
-TO = (aten.to.dtype, aten._to_copy.default)
 BACKENDS = ("eager", "inductor", "inductor_cudagraphs")  # engines that call torch ops registered from Python
 
 
 def wanted(backend: str, device: str) -> bool:
     """Whether a build for `backend` on `device` should run the pass."""
     return torch.device(device).type == "cuda" and backend in BACKENDS
-
-
-@dataclass
-class Norm:
-    end: Node                                        # the node whose value is the normed activations
-    chain: list[Node] = field(default_factory=list)  # nodes the op replaces, end included, consumers first
-    weight: Node | None = None
-    eps: float | None = None
-    upcast: bool = False
-    head: Node | None = None                         # transformers' to(s, float32), kept if used elsewhere
 
 
 def fuse_allreduce_norm(gm: GraphModule) -> list[tuple[str, str, str]]:
@@ -64,7 +51,7 @@ def fuse_allreduce_norm(gm: GraphModule) -> list[tuple[str, str, str]]:
             continue
         reduce, add, residual = found
         x, group = reduce.args[0], reduce.args[2]
-        norm = next((m for m in (_norm_of(u, add) for u in list(add.users)) if m is not None and
+        norm = next((m for m in (rms_norm_of(u, add) for u in list(add.users)) if m is not None and
                      (m.weight is None or order.get(m.weight, len(order)) < order[add])), None)
         with g.inserting_before(add):
             if norm is None:
@@ -114,63 +101,3 @@ def _reduced_sum(wait: Node) -> tuple[Node, Node, Node] | None:
     if r is None or w is None or s is None or r.shape != w.shape or r.dtype != w.dtype or s.shape != w.shape:
         return None
     return reduce, add, residual
-
-
-def _norm_of(node: Node, s: Node) -> Norm | None:
-    """The RMSNorm over the last dim of s that `node`, a user of s, starts."""
-    if not node.args or node.args[0] is not s or node.kwargs.keys() - {"dtype"}:
-        return None
-    if node.target == aten.rms_norm.default:
-        shape, weight, eps = (list(node.args[1:]) + [None, None])[:3]
-        if list(shape) != [_val(s).shape[-1]] or not _fits(weight, s):
-            return None
-        return Norm(node, [node], weight, eps)
-    head = node if node.target in TO and _dtype_of(node) == torch.float32 else None
-    h = node if head is not None else s
-    if head is None and (node.target != aten.pow.Tensor_Scalar or _val(s).dtype != torch.float32):
-        return None
-    pow_ = next((u for u in h.users if u.target == aten.pow.Tensor_Scalar and u.args == (h, 2)), None)
-    mean = _only_user(pow_, aten.mean.dim)
-    if mean is None or list(mean.args[1]) not in ([-1], [_val(h).dim() - 1]) or mean.args[2:] != (True,):
-        return None
-    plus = _only_user(mean, aten.add.Tensor)
-    rsqrt = _only_user(plus, aten.rsqrt.default)
-    mul = _only_user(rsqrt, aten.mul.Tensor)
-    if plus is None or not isinstance(plus.args[1], float) or mul is None or set(mul.args) != {h, rsqrt}:
-        return None
-    cast = _only_user(mul, TO)
-    if cast is not None and _dtype_of(cast) != _val(s).dtype:
-        return None
-    scaled = cast if cast is not None else mul
-    if cast is None and _val(s).dtype != torch.float32:
-        return None
-    end = _only_user(scaled, aten.mul.Tensor)
-    if end is None or len(end.args) != 2:
-        return None
-    weight = end.args[1] if end.args[0] is scaled else end.args[0]
-    if not _fits(weight, s) or weight is None:
-        return None
-    chain = [end] + ([cast] if cast is not None else []) + [mul, rsqrt, plus, mean, pow_]
-    return Norm(end, chain, weight, plus.args[1], upcast=True, head=head)
-
-
-def _fits(weight, s: Node) -> bool:
-    """weight is None or a (D,) tensor for rows of D elements."""
-    return weight is None or (isinstance(weight, Node) and _val(weight) is not None
-                              and tuple(_val(weight).shape) == (_val(s).shape[-1],))
-
-
-def _only_user(node: Node | None, targets) -> Node | None:
-    targets = targets if isinstance(targets, tuple) else (targets,)
-    users = _users(node) if node is not None else []
-    return users[0] if len(users) == 1 and users[0].target in targets else None
-
-
-def _users(node: Node) -> list[Node]:
-    return [u for u in node.users if u.target != ASSERT]  # export's metadata checks are no uses
-
-
-def _dtype_of(node: Node):
-    val = _val(node)
-    return val.dtype if val is not None else None
-
