@@ -22,8 +22,6 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
-from tpcompile.kernels.row_linear import DEFAULT
-
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): the settings that won for llama_1b's and llama_8b's products on an H200
 # in a wider sweep (benchmarks/gemv.py)
 CANDIDATES = [(1, 1024, 4, 1), (1, 4096, 8, 1), (2, 1024, 4, 1), (2, 2048, 8, 1), (2, 4096, 4, 1), (2, 4096, 4, 2),
@@ -58,7 +56,7 @@ def _gemv_kernel(X, U, G, R, W, Y, N, K, eps, GATED: tl.constexpr, NORMED: tl.co
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rows_ok)
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | None = None, config=DEFAULT,
+def launch(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | None, config: tuple,
            norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) holding one row, contiguous; w (N, K) contiguous; up None or like x (then the row is silu(x) * up);
     norm None or (K,) (then the row is rms_norm(x) * norm, eps inside the root; not with up); residual None or
@@ -90,7 +88,7 @@ def tune(n: int, k: int, gated: bool, dtype: torch.dtype, device: str, normed: b
     x = torch.randn(1, k, device=dev, dtype=dtype, generator=gen)
     extra = {"up": x.clone() if gated else None, "norm": x[0].clone() if normed else None, "eps": 1e-5,
              "residual": torch.randn(1, n, device=dev, dtype=dtype, generator=gen) if residual else None}
-    best = (float("inf"), DEFAULT)
+    best = (float("inf"), None)
     with torch.cuda.device(dev):
         for config in CANDIDATES:
             if config[1] > 2 * triton.next_power_of_2(k):

@@ -73,13 +73,7 @@ def fuse_norm_residual(gm: GraphModule, device: str = "cpu") -> list[str]:
     if op is None:  # the op's module never imported: no node calls it
         return []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    norms = {}
-    for s in gm.graph.nodes:
-        if tensor_val(s) is not None and tensor_val(s).dim() >= 1:
-            for user in list(s.users):
-                found = rms_norm_of(user, s)
-                if found is not None and found.weight is not None:
-                    norms[found.end] = (s, found)
+    norms = _norms(gm)
     changed, took, dropped = [], {}, []  # took: an add taken into an op -> that op, which now makes its value
     for node in [n for n in gm.graph.nodes if n.target == op.default]:
         x, w, up, norm, eps, residual, config = node.args
@@ -93,31 +87,56 @@ def fuse_norm_residual(gm: GraphModule, device: str = "cpu") -> list[str]:
                 eps = found.eps if found.eps is not None else torch.finfo(tensor_val(s).dtype).eps
                 parts.append(f"rms_norm({s.name})")
                 dropped.append(found)
-        add = next(iter(node.users)) if len(node.users) == 1 else None
-        fused_add = None
-        if residual is None and add is not None and add.target == aten.add.Tensor and len(add.args) == 2 \
-                and not add.kwargs:
-            h = add.args[1] if add.args[0] is node else add.args[0]
-            hv, yv = tensor_val(h) if isinstance(h, Node) else None, tensor_val(node)
-            if h is not node and hv is not None and yv is not None and hv.shape == yv.shape \
-                    and hv.dtype == yv.dtype and order[h] < order[node]:
-                residual, fused_add = h, add
-                parts.append(f"+ {h.name}")
+        add = _residual_add(node, order) if residual is None else None
+        if add is not None:
+            residual = add.args[1] if add.args[0] is node else add.args[0]
+            parts.append(f"+ {residual.name}")
         if not parts:
             continue
         n, k = tensor_val(w).shape
         config = _config(n, k, up is not None, tensor_val(w).dtype, device, norm is not None, residual is not None)
         node.args = (x, w, up, norm, eps, residual, list(config))
-        if fused_add is not None:
-            fused_add.replace_all_uses_with(node)
-            gm.graph.erase_node(fused_add)
-            took[fused_add] = node
+        if add is not None:
+            add.replace_all_uses_with(node)
+            gm.graph.erase_node(add)
+            took[add] = node
         changed.append(f"{node.name}: {', '.join(parts)}, config {list(config)}")
-    if not changed:
-        return changed
+    if changed:
+        _drop_norms(gm, dropped)
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _norms(gm: GraphModule) -> dict:
+    """{the node whose value is a normed row: (the normed node, its nodes.Norm)} for each RMSNorm with a weight."""
+    norms = {}
+    for s in gm.graph.nodes:
+        if tensor_val(s) is not None and tensor_val(s).dim() >= 1:
+            for user in list(s.users):
+                found = rms_norm_of(user, s)
+                if found is not None and found.weight is not None:
+                    norms[found.end] = (s, found)
+    return norms
+
+
+def _residual_add(node: Node, order: dict) -> Node | None:
+    """The add(node, h) or add(h, node) that is node's only use, h of its shape and dtype and made before it."""
+    add = next(iter(node.users)) if len(node.users) == 1 else None
+    if add is None or add.target != aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+        return None
+    h = add.args[1] if add.args[0] is node else add.args[0]
+    hv, yv = tensor_val(h) if isinstance(h, Node) else None, tensor_val(node)
+    if h is node or hv is None or yv is None or hv.shape != yv.shape or hv.dtype != yv.dtype:
+        return None
+    return add if order.get(h, len(order)) < order[node] else None
+
+
+def _drop_norms(gm: GraphModule, dropped: list) -> None:
+    """The norms taken in go, with export's dtype checks on them (which dead-code removal keeps)."""
     gm.graph.eliminate_dead_code()
     live = set(gm.graph.nodes)
-    for found in dropped:  # the norms taken in, with export's dtype checks on them (which dead-code removal keeps)
+    for found in dropped:
         for n in found.chain + ([found.head] if found.head is not None else []):
             if n in live and not users_of(n):
                 for check in list(n.users):
@@ -125,9 +144,6 @@ def fuse_norm_residual(gm: GraphModule, device: str = "cpu") -> list[str]:
                 gm.graph.erase_node(n)
                 live.discard(n)
     gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return changed
 
 
 def _through_identity_slices(x: Node) -> Node:
