@@ -143,6 +143,27 @@ def test_a_norm_read_by_another_op_stays_and_is_not_taken_in():
     assert fuse_norm_residual(gm) == []
 
 
+def test_at_tp_2_the_norms_go_in_and_the_adds_after_an_all_reduce_stay():
+    """llama_tiny's rank graph at tp=2 (megatron plan), one row: o and down end in partial sums that are all-reduced
+    before the residual add, so no add may go into them; every norm still does (the head's, read through a
+    select of the last token, too)."""
+    from graphs.llama import Llama
+    from tpcompile.build import preflight
+    from tpcompile.plan import load_rules
+    from tpcompile.runtime.generate import generation_inputs
+    with torch.device("meta"):
+        model = Llama(VOCAB, 64, LAYERS, 4, 2, 128)
+        model.setup_cache(1, MAX_SEQ, torch.float32)
+    gm = preflight(capture(model, generation_inputs(1, 1, MAX_SEQ, vocab=None)[1]), load_rules("megatron"), 2,
+                   4).partition.gm
+    reduces = count(gm, torch.ops._c10d_functional.all_reduce.default)
+    assert len(one_row_linear(gm)) == 7 * LAYERS + 1
+    changed = fuse_norm_residual(gm)
+    assert not any("+ " in c for c in changed)
+    assert sum("rms_norm(" in c for c in changed) == 5 * LAYERS + 1
+    assert count(gm, torch.ops._c10d_functional.all_reduce.default) == reduces == 2 * LAYERS
+
+
 def test_the_pass_runs_on_gpu_engines_only_and_can_be_skipped():
     assert "one_row_linear" in optional_passes("aoti_cudagraphs", "cuda")
     assert "one_row_linear" in optional_passes("eager", "cuda:0")
