@@ -160,14 +160,15 @@ def test_attention_the_op_does_not_cover_is_left_alone():
                                                torch.ones(2, 1, 3, 24, dtype=torch.bool)))) == []
 
 
-def test_the_pass_runs_on_gpu_engines_only_and_can_be_skipped():
-    assert "decode_attention" in optional_passes("inductor_cudagraphs", "cuda")
-    assert "decode_attention" in optional_passes("aoti", "cuda:0")
-    assert "decode_attention" not in optional_passes("inductor", "cpu")
-    assert "decode_attention" not in optional_passes("onnx", "cuda")
-    assert "decode_attention" not in optional_passes("aoti", "cuda", skip=["decode_attention"])
-    assert "share_attention_mask" in optional_passes("aoti", "cuda") - optional_passes("aoti", "cpu")
-    assert "share_attention_mask" not in optional_passes("aoti", "cuda", skip=["share_attention_mask"])
+@pytest.mark.parametrize("name", ["decode_attention", "share_attention_mask", "one_row_linear"])
+def test_the_gpu_passes_run_on_gpu_engines_only_and_can_be_skipped(name):
+    """The passes on by default in GPU engines that call torch ops (one_row_linear's own tests are in
+    test_one_row_linear.py)."""
+    assert name in optional_passes("inductor_cudagraphs", "cuda")
+    assert name in optional_passes("aoti", "cuda:0") and name in optional_passes("eager", "cuda")
+    assert name not in optional_passes("inductor", "cpu") and name not in optional_passes("aoti", "cpu")
+    assert name not in optional_passes("onnx", "cuda")
+    assert name not in optional_passes("aoti", "cuda", skip=[name])
 
 
 CASES = [  # B, Hq, Hkv, S, D, filled per row, splits, window
