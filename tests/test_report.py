@@ -49,8 +49,9 @@ def test_report_tables_a_sweep_and_draws_it(run_cli, sweep):
     # what the optional passes changed, from the artifact: fuse_linears on any device, the GPU passes not on the CPU
     decode = profiled["pass_changes"]["decode"]
     assert decode["fuse_linears"] and "one_row_linear" not in decode
-    # the profiled steps' wall: a step's order, not the profiler starting and collecting
-    assert 0 < profiled["profiled_ms_per_step"] < 4 * profiled["decode_ms_p99"]
+    # the profiled steps' wall: a step's order, not the profiler starting and collecting (that was hundreds of
+    # steps); on the CPU the profiler's cost per op makes a tiny model's profiled step up to ~4x an unprofiled one
+    assert 0 < profiled["profiled_ms_per_step"] < 20 * profiled["decode_ms_p99"]
     assert [float(row["decode_ms_run"]) for row in rows] == pytest.approx(run, rel=1e-6)
     md = (sweep / "report.md").read_text()
     assert md in r.stdout + "\n" and "| 1 | tp=2 | llama_tiny | eager | float32 | 2 |" in md
