@@ -282,6 +282,10 @@ def test_bench_on_a_gpu_counts_the_kernels_of_a_step_their_time_and_launches(bac
     n_layers = len({f.split(".")[1] for f in artifact.manifest.params if f.startswith("layers.")})
     assert raw["kernels_per_step"] >= 4 * n_layers  # at least the four projections of each layer
     assert 0 < raw["kernel_ms_per_step"] < raw["profiled_ms_per_step"]
+    top = raw["top_kernels"]  # the longest kernels first, a part of the step's kernels and of their time
+    assert [k["us_per_step"] for k in top] == sorted((k["us_per_step"] for k in top), reverse=True) and top
+    assert sum(k["calls_per_step"] for k in top) <= raw["kernels_per_step"] + 1e-9
+    assert sum(k["us_per_step"] for k in top) <= raw["kernel_ms_per_step"] * 1e3 * (1 + 1e-6)
     # the profiled wall is of a step, not of the profiler starting and collecting (once hundreds of steps)
     assert raw["profiled_ms_per_step"] < 4 * max(raw["step_seconds"]) * 1e3
     if backend == "eager":

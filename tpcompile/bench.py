@@ -31,7 +31,7 @@ def summarize(raw: dict, *, batch: int, prompt_len: int, new_tokens: int) -> dic
         "kernels_per_step": raw.get("kernels_per_step"), "kernel_ms_per_step": raw.get("kernel_ms_per_step"),
         "profiled_ms_per_step": raw.get("profiled_ms_per_step"),
         "graph_launches_per_step": raw.get("graph_launches_per_step"),
-        "kernel_launches_per_step": raw.get("kernel_launches_per_step"),
+        "kernel_launches_per_step": raw.get("kernel_launches_per_step"), "top_kernels": raw.get("top_kernels"),
         "weight_bytes_per_rank": raw["weight_bytes"],
         "cache_bytes_per_rank": raw["cache_bytes"], "peak_memory_bytes": raw["peak_memory_bytes"],
         "bytes_per_step": bytes_per_step,

@@ -265,12 +265,13 @@ def _profile(gen, prompts, steps: int, device_type: str, sync) -> dict:
     comm_us = sum(getattr(e, attr, 0.0) for e in averages if any(k in e.key.lower() for k in COLLECTIVE_EVENTS))
     out = {"collective_share": min(1.0, comm_us / 1e6 / wall), "profiled_ms_per_step": wall / steps * 1e3,
            "kernels_per_step": None, "kernel_ms_per_step": None, "graph_launches_per_step": None,
-           "kernel_launches_per_step": None}
+           "kernel_launches_per_step": None, "top_kernels": None}
     if device_type == "cuda":
         kernels, kernel_us = device_kernels(averages)
         graphs, launches = host_launches(averages)
         out.update(kernels_per_step=kernels / steps, kernel_ms_per_step=kernel_us / steps / 1e3,
-                   graph_launches_per_step=graphs / steps, kernel_launches_per_step=launches / steps)
+                   graph_launches_per_step=graphs / steps, kernel_launches_per_step=launches / steps,
+                   top_kernels=top_kernels(averages, steps))
     return out
 
 
@@ -284,9 +285,21 @@ def host_launches(averages) -> tuple[int, int]:
 
 def device_kernels(averages) -> tuple[int, float]:
     """(launches, summed microseconds) of the device events in a profiler's key_averages()."""
-    from torch.autograd import DeviceType
-    events = [e for e in averages if e.device_type == DeviceType.CUDA]
+    events = _device_events(averages)
     return sum(e.count for e in events), sum(e.self_device_time_total for e in events)
+
+
+def top_kernels(averages, steps: int, top: int = 24) -> list[dict]:
+    """The device kernels that took the most time, per step: name (cut at 100 characters), microseconds and calls
+    per step; where a step's time goes, kept in each bench record."""
+    events = sorted(_device_events(averages), key=lambda e: -e.self_device_time_total)[:top]
+    return [{"kernel": e.key[:100], "us_per_step": round(e.self_device_time_total / steps, 2),
+             "calls_per_step": e.count / steps} for e in events]
+
+
+def _device_events(averages) -> list:
+    from torch.autograd import DeviceType
+    return [e for e in averages if e.device_type == DeviceType.CUDA]
 
 
 def _peak_rss() -> int:
