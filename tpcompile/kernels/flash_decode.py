@@ -1,12 +1,13 @@
 """The Triton kernels behind torch.ops.tpcompile.decode_attention (decode_attention.py): attention of one query
 per row over the keys its mask lets it see, split across the GPU (flash-decoding), reading only blocks of the
-cache in which some key is seen.
+cache that the mask lets it see.
 
     split kernel, program (row b, kv head, split i): the blocks i, i + splits, i + 2 * splits, ... of the S slots.
-        It reads the mask of all its blocks first; a block with no seen key is skipped, its k and v never read.
-        For the blocks left it computes, for the kv head's whole group of query heads at once (one read of k, v),
-        the softmax numerator and denominator online (running max) and writes the normalised partial output and
-        its log-sum-exp.
+        For each block it reads the mask, then k and v of the seen slots only, both loads at once (a slot the mask
+        hides is never read, and no branch waits on the mask: a decode step of few filled slots is bound by such
+        chains of loads, not by bytes). It computes, for the kv head's whole group of query heads at once (one read
+        of k, v), the softmax numerator and denominator online (running max) and writes the normalised partial
+        output and its log-sum-exp.
     merge kernel, program (row b, query head): the splits' partials weighted by exp(lse - max lse).
 
 Blocks are dealt round-robin, so a filled prefix of any length spreads over every split. Needs triton; imported
@@ -32,39 +33,32 @@ def _split_kernel(Q, K, V, M, O, L, scale: tl.constexpr, S, HKV: tl.constexpr, G
     g_ok, d_ok = g < G, d < D
     h = kvh * G + g
     q = tl.load(Q + b * sqb + h[:, None] * sqh + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    # which of this program's blocks have a seen key: one load of all their mask bytes
-    j = tl.arange(0, PER_SPLIT)
-    cols = (split + j * SPLITS)[:, None] * BLOCK_N + n[None, :]
-    seen = tl.load(M + b * smb + cols * sms, mask=cols < S, other=0).to(tl.int32)
-    live = tl.max(seen, axis=1)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for step in range(PER_SPLIT):
-        if tl.sum(tl.where(j == step, live, 0)) > 0:
-            c = (split + step * SPLITS) * BLOCK_N + n
-            c_ok = c < S
-            visible = tl.load(M + b * smb + c * sms, mask=c_ok, other=0) != 0
-            k = tl.load(K + b * skb + kvh * skh + c[:, None] * sks + d[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = tl.where(visible[None, :], qk * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(qk - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(V + b * svb + kvh * svh + c[:, None] * svs + d[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            if IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        c = (split + step * SPLITS) * BLOCK_N + n
+        visible = tl.load(M + b * smb + c * sms, mask=c < S, other=0) != 0
+        # k and v of the seen slots only (a masked-off slot is not read), both loads in flight at once
+        seen = visible[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + kvh * skh + c[:, None] * sks + d[None, :], mask=seen, other=0.0)
+        v = tl.load(V + b * svb + kvh * svh + c[:, None] * svs + d[None, :], mask=seen, other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = tl.where(visible[None, :], qk * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
     row = (b * HKV * G + h) * SPLITS + split  # partials: (B, Hq, SPLITS, D) and (B, Hq, SPLITS), contiguous
