@@ -181,7 +181,9 @@ CASES = [  # B, Hq, Hkv, S, D, filled per row, splits, window
 ]
 
 
-def run_case(case, dtype, device, op):
+def run_case(case, dtype, device, op, hidden: float | None = None):
+    """The op's output and the reference's (float64) for a case; `hidden`: the value of every k and v element of the
+    slots the mask hides, as the op gets them (the reference gets the random ones), to show they are never read."""
     b, hq, hkv, s, d, filled, splits, window = case
     gen = torch.Generator().manual_seed(hq * s + d)
     q = torch.randn(b, hq, 1, d, generator=gen).to(dtype).to(device)
@@ -190,14 +192,19 @@ def run_case(case, dtype, device, op):
     slots, pos = torch.arange(s), torch.tensor(filled)[:, None]
     seen = (slots <= pos) & ((slots > pos - window) if window else True)
     mask = seen[:, None, None, :].to(device)
-    got = op(q, k, v, mask, 1 / math.sqrt(d), splits)
+    ks, vs = k, v
+    if hidden is not None:
+        ks, vs = (x.masked_fill(~mask.transpose(-1, -2), hidden) for x in (k, v))
+    got = op(q, ks, vs, mask, 1 / math.sqrt(d), splits)
     want = reference(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(d))
     return got, want
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton's interpreter needs triton")
 def test_kernels_in_the_triton_interpreter_equal_the_reference(tmp_path):
-    """float32 and float16 (the interpreter has no bfloat16), every case, in a process with TRITON_INTERPRET=1."""
+    """float32 and float16 (the interpreter has no bfloat16), every case, in a process with TRITON_INTERPRET=1; again
+    with NaN in every k and v element the mask hides: the kernel never reads them (a NaN read would reach the
+    output through p * v even with p = 0)."""
     import subprocess
     import sys
 
@@ -206,16 +213,17 @@ def test_kernels_in_the_triton_interpreter_equal_the_reference(tmp_path):
             "from tpcompile.kernels.flash_decode import launch\n"
             "for dtype in (torch.float32, torch.float16):\n"
             "    for case in CASES:\n"
-            "        got, want = run_case(case, dtype, 'cpu', launch)\n"
-            "        tol = 2e-6 if dtype == torch.float32 else 2e-3\n"
-            "        err = (got.double() - want).abs().max().item()\n"
-            "        assert err <= tol, (case, dtype, err)\n"
-            "        print(case, dtype, err)\n")
+            "        for hidden in (None, float('nan')):\n"
+            "            got, want = run_case(case, dtype, 'cpu', launch, hidden)\n"
+            "            tol = 2e-6 if dtype == torch.float32 else 2e-3\n"
+            "            err = (got.double() - want).abs().max().item()\n"
+            "            assert err <= tol, (case, dtype, hidden, err)\n"
+            "            print(case, dtype, hidden, err)\n")
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**__import__("os").environ, **env},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("torch.float") == 2 * len(CASES)
+    assert r.stdout.count("torch.float") == 2 * 2 * len(CASES)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")
@@ -227,8 +235,9 @@ def test_kernels_on_the_gpu_equal_the_reference_eager_and_compiled(dtype):
     torch._dynamo.reset()  # one compile per case (static shapes), within dynamo's recompile limit
     compiled = torch.compile(lambda q, k, v, m, s: ops.decode_attention(q, k, v, m, s), fullgraph=True, dynamic=False)
     for case in CASES:
-        for op in (launch, lambda q, k, v, m, s, splits: compiled(q, k, v, m, s)):
-            got, want = run_case(case, dtype, "cuda", op)
+        for op, hidden in ((launch, None), (lambda q, k, v, m, s, splits: compiled(q, k, v, m, s), None),
+                           (launch, float("nan"))):  # NaN where the mask hides: never read
+            got, want = run_case(case, dtype, "cuda", op, hidden)
             assert got.dtype == dtype and got.shape == want.shape
             if dtype == torch.float32:
                 assert (got.double() - want).abs().max().item() <= 2e-6, case
