@@ -93,5 +93,8 @@ def table(record: dict) -> str:
     if "floor_ms_filled" in record:
         rows.append(("whole run over (weights + filled cache) / bandwidth",
                      f"{record['run_over_floor_filled']:.2f}x of {record['floor_ms_filled']:.3f} ms"))
+    for i, k in enumerate((record.get("top_kernels") or [])[:5]):  # where the step's time goes (GPU profiles)
+        rows.append(("longest kernels per decode step (profiler)" if i == 0 else "",
+                     f"{k['us_per_step']:8.1f} us  {k['calls_per_step']:5.1f} x  {k['kernel'][:60]}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
