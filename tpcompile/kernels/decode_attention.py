@@ -7,8 +7,8 @@ query see; what the pass decode_attention puts into decode graphs:
     mask bool (B or 1, 1, 1, S), True where the key is seen.
 
 Reference (any device): scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=True), the op the
-pass replaced. On a GPU with triton: flash_decode.py, whose split kernel skips every block of the cache in which the
-mask sees no key, so a decode step reads the filled prefix of the cache, not all of it. Registered as a
+pass replaced. On a GPU with triton: flash_decode.py, whose split kernel reads k and v only of the slots the mask
+lets the query see, so a decode step reads the filled prefix of the cache, not all of it. Registered as a
 torch.library.triton_op there, so Inductor and AOTInductor compile its kernels into the engine (no Python call
 at run time); without triton it is a plain custom op that runs the reference.
 """
