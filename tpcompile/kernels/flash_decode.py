@@ -3,9 +3,10 @@ per row over the keys its mask lets it see, split across the GPU (flash-decoding
 cache that the mask lets it see.
 
     split kernel, program (row b, kv head, split i): the blocks i, i + splits, i + 2 * splits, ... of the S slots.
-        For each block it reads the mask, then k and v of the seen slots only, both loads at once (a slot the mask
-        hides is never read, and no branch waits on the mask: a decode step of few filled slots is bound by such
-        chains of loads, not by bytes). It computes, for the kv head's whole group of query heads at once (one read
+        It reads the mask of all its blocks first and runs from the first block with a seen key to the last. For
+        each, it reads the block's mask again (now from cache), then k and v of the seen slots only, both loads at
+        once (a slot the mask hides is never read, and no branch waits on the mask: a decode step of few filled
+        slots is bound by such chains of loads, not by bytes). It computes, for the kv head's whole group of query heads at once (one read
         of k, v), the softmax numerator and denominator online (running max) and writes the normalised partial
         output and its log-sum-exp.
     merge kernel, program (row b, query head): the splits' partials weighted by exp(lse - max lse).
@@ -36,7 +37,14 @@ def _split_kernel(Q, K, V, M, O, L, scale: tl.constexpr, S, HKV: tl.constexpr, G
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for step in range(PER_SPLIT):
+    # the first and last of this program's blocks with a seen key, from one load of all their mask bytes: the
+    # loop runs over those only (a long cache filled at its start costs no step per empty block)
+    j = tl.arange(0, PER_SPLIT)
+    cols = (split + j * SPLITS)[:, None] * BLOCK_N + n[None, :]
+    live = tl.max(tl.load(M + b * smb + cols * sms, mask=cols < S, other=0).to(tl.int32), axis=1) > 0
+    first = tl.min(tl.where(live, j, PER_SPLIT), axis=0)
+    last = tl.max(tl.where(live, j + 1, 0), axis=0)
+    for step in range(first, last):
         c = (split + step * SPLITS) * BLOCK_N + n
         visible = tl.load(M + b * smb + c * sms, mask=c < S, other=0) != 0
         # k and v of the seen slots only (a masked-off slot is not read), both loads in flight at once
