@@ -285,7 +285,7 @@ def test_bench_on_a_gpu_counts_the_kernels_of_a_step_their_time_and_launches(bac
     top = raw["top_kernels"]  # the longest kernels first, a part of the step's kernels and of their time
     assert [k["us_per_step"] for k in top] == sorted((k["us_per_step"] for k in top), reverse=True) and top
     assert sum(k["calls_per_step"] for k in top) <= raw["kernels_per_step"] + 1e-9
-    assert sum(k["us_per_step"] for k in top) <= raw["kernel_ms_per_step"] * 1e3 * (1 + 1e-6)
+    assert sum(k["us_per_step"] for k in top) <= raw["kernel_ms_per_step"] * 1e3 + 0.005 * len(top)  # rounded
     from tpcompile.bench import summarize, table
     record = summarize(raw, batch=1, prompt_len=8, new_tokens=6)
     text = table({**record, "model": "llama_tiny", "tp": 1, "backend": backend, "dtype": "float32"})
