@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tpcompile.api import Artifact
+from tpcompile.bench import summarize, table
 from tpcompile.pipeline import build_generation, load_model
 from tpcompile.runtime.generate import sample
 from tpcompile.weights import materialize
@@ -286,7 +287,6 @@ def test_bench_on_a_gpu_counts_the_kernels_of_a_step_their_time_and_launches(bac
     assert [k["us_per_step"] for k in top] == sorted((k["us_per_step"] for k in top), reverse=True) and top
     assert sum(k["calls_per_step"] for k in top) <= raw["kernels_per_step"] + 1e-9
     assert sum(k["us_per_step"] for k in top) <= raw["kernel_ms_per_step"] * 1e3 + 0.005 * len(top)  # rounded
-    from tpcompile.bench import summarize, table
     record = summarize(raw, batch=1, prompt_len=8, new_tokens=6)
     text = table({**record, "model": "llama_tiny", "tp": 1, "backend": backend, "dtype": "float32"})
     assert top[0]["kernel"][:60] in text and record["top_kernels"] == top  # bench's table names the longest

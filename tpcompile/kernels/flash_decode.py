@@ -6,9 +6,9 @@ cache that the mask lets it see.
         It reads the mask of all its blocks first and runs from the first block with a seen key to the last. For
         each, it reads the block's mask again (now from cache), then k and v of the seen slots only, both loads at
         once (a slot the mask hides is never read, and no branch waits on the mask: a decode step of few filled
-        slots is bound by such chains of loads, not by bytes). It computes, for the kv head's whole group of query heads at once (one read
-        of k, v), the softmax numerator and denominator online (running max) and writes the normalised partial
-        output and its log-sum-exp.
+        slots is bound by such chains of loads, not by bytes). It computes, for the kv head's whole group of query
+        heads at once (one read of k, v), the softmax numerator and denominator online (running max) and writes
+        the normalised partial output and its log-sum-exp.
     merge kernel, program (row b, query head): the splits' partials weighted by exp(lse - max lse).
 
 Blocks are dealt round-robin, so a filled prefix of any length spreads over every split. Needs triton; imported
