@@ -78,10 +78,18 @@ def launch(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | None, config: tu
     return y
 
 
+def candidates(k: int) -> list[tuple]:
+    """The CANDIDATES measured for rows of length k, never none: a chunk (BLOCK_K) of more than twice the row's next
+    power of two would mask most of its lanes off, so it is cut to that (at least 16), and settings the cut makes
+    equal are measured once. No chunk of llama_1b's or llama_8b's rows (K >= 2,048) is cut."""
+    longest = max(16, 2 * triton.next_power_of_2(k))
+    return list(dict.fromkeys((n, min(block_k, longest), warps, stages) for n, block_k, warps, stages in CANDIDATES))
+
+
 @functools.cache
 def tune(n: int, k: int, gated: bool, dtype: torch.dtype, device: str, normed: bool = False,
          residual: bool = False) -> tuple:
-    """The fastest of CANDIDATES for an (n, k) weight on `device` (a CUDA device) in the product's variant, as a
+    """The fastest of candidates(k) for an (n, k) weight on `device` (a CUDA device) in the product's variant, as a
     decode step reads it: a CUDA graph of calls over enough copies of the weight that none is served from L2."""
     dev = torch.device(device)
     copies = max(1, -(-(256 << 20) // (n * k * torch.finfo(dtype).bits // 8)))
@@ -92,9 +100,7 @@ def tune(n: int, k: int, gated: bool, dtype: torch.dtype, device: str, normed: b
              "residual": torch.randn(1, n, device=dev, dtype=dtype, generator=gen) if residual else None}
     best = (float("inf"), None)
     with torch.cuda.device(dev):
-        for config in CANDIDATES:
-            if config[1] > 2 * triton.next_power_of_2(k):
-                continue
+        for config in candidates(k):
             for w in weights:  # compiles, and warms the caches
                 launch(x, w, config=config, **extra)
             torch.cuda.synchronize()
