@@ -3,6 +3,7 @@ decode_attention (scaled_dot_product_attention with the boolean mask, enable_gqa
 (tpcompile/kernels/flash_decode.py), at a model's per-layer shapes, for several filled lengths and cache sizes.
 
     python benchmarks/decode_attention.py            # -> results/decode-attention_llama-8b_<gpu>_<date>.json
+    python benchmarks/decode_attention.py --stages 1 2 4   # and the op at other num_stages of its split kernel
 
 Each figure is the time of one layer's call, from a CUDA graph of one call per layer, each layer its own cache (as
 in a model: no layer reads another's bytes from L2), replayed; and the bandwidth it reached over the k/v bytes of
@@ -58,7 +59,7 @@ def per_call(fns: list, repeat: int = 20) -> float:
     return (time.perf_counter() - t0) / repeat / len(fns)
 
 
-def row(model: str, batch: int, slots: int, filled: int, bandwidth: float) -> dict:
+def row(model: str, batch: int, slots: int, filled: int, bandwidth: float, stages: list[int]) -> dict:
     shape = SHAPES[model]
     scale = 1 / math.sqrt(shape["head_dim"])
     layers = [inputs(shape, batch, slots, filled, seed) for seed in range(shape["layers"])]
@@ -74,6 +75,10 @@ def row(model: str, batch: int, slots: int, filled: int, bandwidth: float) -> di
         rec[f"{name}_us"] = sec * 1e6
         rec[f"{name}_fraction_of_copy_bw"] = kv_bytes / sec / bandwidth
     rec["speedup"] = rec["sdpa_us"] / rec["op_us"]
+    for n in stages:  # the split kernel at other num_stages (shared memory per program against pipelining)
+        got = launch(*layers[-1], scale, stages=n).double()
+        rec[f"op_stages{n}_max_abs_err"] = (got - want).abs().max().item()
+        rec[f"op_stages{n}_us"] = per_call([lambda a=a: launch(*a, scale, stages=n) for a in layers]) * 1e6
     return rec
 
 
@@ -84,6 +89,8 @@ def main():
     ap.add_argument("--cases", nargs="+", default=["1:257:160", "1:8193:1000", "1:8193:4000", "1:16385:1000",
                                                      "1:16385:4000", "1:16385:16000", "8:8193:4000", "32:2049:1000"],
                     help="batch:cache slots:filled slots")
+    ap.add_argument("--stages", nargs="*", type=int, default=[],
+                    help="also time the op with these num_stages of its split kernel (op_us: the default's)")
     args = ap.parse_args()
     base = {**provenance(), **ceilings()}
     bandwidth = base["copy_bandwidth_GBps"] * 1e9
@@ -96,7 +103,7 @@ def main():
         for case in args.cases:
             batch, slots, filled = map(int, case.split(":"))
             try:
-                rows.append(row(model, batch, slots, filled, bandwidth))
+                rows.append(row(model, batch, slots, filled, bandwidth, args.stages))
             except Exception as e:  # keep measuring the rest
                 rows.append({"model": model, "case": case, "error": repr(e)[:500]})
             print(json.dumps(rows[-1]), flush=True)

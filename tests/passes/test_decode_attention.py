@@ -235,8 +235,9 @@ def test_kernels_on_the_gpu_equal_the_reference_eager_and_compiled(dtype):
     torch._dynamo.reset()  # one compile per case (static shapes), within dynamo's recompile limit
     compiled = torch.compile(lambda q, k, v, m, s: ops.decode_attention(q, k, v, m, s), fullgraph=True, dynamic=False)
     for case in CASES:
+        unpipelined = lambda q, k, v, m, s, splits: launch(q, k, v, m, s, splits, stages=1)  # noqa: E731
         for op, hidden in ((launch, None), (lambda q, k, v, m, s, splits: compiled(q, k, v, m, s), None),
-                           (launch, float("nan"))):  # NaN where the mask hides: never read
+                           (launch, float("nan")), (unpipelined, float("nan"))):  # NaN where the mask hides: never read
             got, want = run_case(case, dtype, "cuda", op, hidden)
             assert got.dtype == dtype and got.shape == want.shape
             if dtype == torch.float32:

@@ -11,8 +11,11 @@ cache that the mask lets it see.
         the normalised partial output and its log-sum-exp.
     merge kernel, program (row b, query head): the splits' partials weighted by exp(lse - max lse).
 
-Blocks are dealt round-robin, so a filled prefix of any length spreads over every split. Needs triton; imported
-only on a GPU.
+Blocks are dealt round-robin, so a filled prefix of any length spreads over every split. Triton software-pipelines
+the split kernel's loop over blocks (k and v copied ahead into shared memory): with STAGES = 3, 71.7 KB of shared
+memory per program on sm_90 (2: 38.9 KB; 1, no pipelining: 22.5 KB, as compiled by triton 3.9), so fewer programs
+fit on an SM than `splits_for` asks for when most have work; `launch(..., stages=)` and
+`benchmarks/decode_attention.py --stages` measure the others. Needs triton; imported only on a GPU.
 """
 import torch
 import triton
@@ -21,6 +24,7 @@ from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
 BLOCK_N = 64  # cache slots per block
+STAGES = 3  # the split kernel's num_stages (Triton's default on CUDA)
 
 
 @triton.jit
@@ -93,9 +97,10 @@ def splits_for(rows: int, slots: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(slots, BLOCK_N), triton.cdiv(4 * sms, rows)))
 
 
-def launch(q, k, v, mask, scale: float, splits: int | None = None) -> torch.Tensor:
+def launch(q, k, v, mask, scale: float, splits: int | None = None, stages: int = STAGES) -> torch.Tensor:
     """q (B, Hq, 1, D), k and v (B, Hkv, S, D) with unit stride along D, mask bool (B or 1, 1, 1, S) -> (B, Hq, 1, D)
-    in q's dtype. Runs the kernels directly or, under torch.compile / export, as wrapped Triton kernels."""
+    in q's dtype; stages: the split kernel's num_stages. Runs the kernels directly or, under torch.compile / export,
+    as wrapped Triton kernels."""
     B, HQ, _, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
     G = HQ // HKV
@@ -109,7 +114,8 @@ def launch(q, k, v, mask, scale: float, splits: int | None = None) -> torch.Tens
     _wrapped(_split_kernel)[(B * HKV, splits)](
         q, k, v, mask, partial, lse, scale, S, HKV, G, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), smb, mask.stride(3), D, splits, per_split,
-        max(16, triton.next_power_of_2(G)), block_d, BLOCK_N, q.dtype == torch.float32, num_warps=4)
+        max(16, triton.next_power_of_2(G)), block_d, BLOCK_N, q.dtype == torch.float32, num_warps=4,
+        num_stages=stages)
     _wrapped(_merge_kernel)[(B * HQ,)](partial, lse, y, D, splits, max(2, triton.next_power_of_2(splits)), block_d,
                                           num_warps=4)
     return y
