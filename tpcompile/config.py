@@ -52,7 +52,7 @@ class BackendConfig:
     fuse_allreduce: bool = False       # all-reduce + residual add + RMSNorm as one op (passes/fuse_allreduce_norm.py)
                                        # on CUDA engines that can call it; off by default: its GPU kernel is unmeasured
     fuse_norm_residual: bool = False   # RMSNorm and residual add into the one-row products' kernel
-                                       # (passes/one_row_linear.py); off by default: not yet measured on a GPU
+                                       # (passes/one_row_linear.py); off by default until its GPU tests pass
     skip_passes: list[str] = field(default_factory=list)  # optional passes to leave out, e.g. [decode_attention]
                                        # (tpcompile.passes.OPTIONAL): to measure each one's effect
 

@@ -13,7 +13,7 @@ down projection of llama_8b ran at 85% of the copy rate in the engine, 57% compi
 per weight shape on the GPU the engine is built for (`kernels.gemv.tune`) and written into the graph; elsewhere
 it is the kernel's default. Keyed on the node's arguments and shapes only.
 
-fuse_norm_residual (opt-in, `backend.fuse_norm_residual=true`; not yet measured on a GPU) then takes the RMSNorm
+fuse_norm_residual (opt-in, `backend.fuse_norm_residual=true`, until its GPU tests pass) then takes the RMSNorm
 before such a product and the residual add after it into the op (its docstring shows the rewrite): a decode step
 of one row then has no kernel of its own for either.
 
