@@ -20,10 +20,10 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 from common import RESULTS, result_path  # noqa: E402
+from decode_attention import SHAPES  # noqa: E402  the per-layer shapes its microbenchmark times
 from tpcompile.kernels import flash_decode  # noqa: E402
 from tpcompile.util import provenance  # noqa: E402
 
-SHAPES = {"llama_8b": dict(heads=32, kv_heads=8, head_dim=128), "llama_1b": dict(heads=32, kv_heads=4, head_dim=64)}
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "M": "*i1", "O": "*fp32", "L": "*fp32"}
 STRIDES = ["sqb", "sqh", "skb", "skh", "sks", "svb", "svh", "svs", "smb"]
 
