@@ -181,11 +181,17 @@ CASES = [  # B, Hq, Hkv, S, D, filled per row, splits, window
 ]
 
 
-def run_case(case, dtype, device, op, hidden: float | None = None):
+def run_case(case, dtype, device, op, hidden: float | None = None, rope: bool = False):
     """The op's output and the reference's (float64) for a case; `hidden`: the value of every k and v element of the
-    slots the mask hides, as the op gets them (the reference gets the random ones), to show they are never read."""
+    slots the mask hides, as the op gets them (the reference gets the random ones), to show they are never read;
+    `rope`: the op gets cos and sin tables (random, halves unequal; one per row, or one for all in the odd-length
+    cases) and rotates q first."""
     b, hq, hkv, s, d, filled, splits, window = case
     gen = torch.Generator().manual_seed(hq * s + d)
+    tables = {}
+    if rope:
+        rows = 1 if len(filled) % 2 else b
+        tables = {name: torch.randn(rows, 1, 1, d, generator=gen).to(device) for name in ("cos", "sin")}
     q = torch.randn(b, hq, 1, d, generator=gen).to(dtype).to(device)
     k = torch.randn(b, s, hkv, d, generator=gen).to(dtype).to(device).transpose(1, 2)  # the cache's layout
     v = torch.randn(b, s, hkv, d, generator=gen).to(dtype).to(device).transpose(1, 2)
@@ -195,8 +201,9 @@ def run_case(case, dtype, device, op, hidden: float | None = None):
     ks, vs = k, v
     if hidden is not None:
         ks, vs = (x.masked_fill(~mask.transpose(-1, -2), hidden) for x in (k, v))
-    got = op(q, ks, vs, mask, 1 / math.sqrt(d), splits)
-    want = reference(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(d))
+    got = op(q, ks, vs, mask, 1 / math.sqrt(d), splits, **tables)
+    want = reference(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(d),
+                     **{name: t.double() for name, t in tables.items()})
     return got, want
 
 
@@ -213,17 +220,17 @@ def test_kernels_in_the_triton_interpreter_equal_the_reference(tmp_path):
             "from tpcompile.kernels.flash_decode import launch\n"
             "for dtype in (torch.float32, torch.float16):\n"
             "    for case in CASES:\n"
-            "        for hidden in (None, float('nan')):\n"
-            "            got, want = run_case(case, dtype, 'cpu', launch, hidden)\n"
+            "        for hidden, rope in ((None, False), (float('nan'), False), (None, True)):\n"
+            "            got, want = run_case(case, dtype, 'cpu', launch, hidden, rope)\n"
             "            tol = 2e-6 if dtype == torch.float32 else 2e-3\n"
             "            err = (got.double() - want).abs().max().item()\n"
-            "            assert err <= tol, (case, dtype, hidden, err)\n"
-            "            print(case, dtype, hidden, err)\n")
+            "            assert err <= tol, (case, dtype, hidden, rope, err)\n"
+            "            print(case, dtype, hidden, rope, err)\n")
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**__import__("os").environ, **env},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("torch.float") == 2 * 2 * len(CASES)
+    assert r.stdout.count("torch.float") == 2 * 3 * len(CASES)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")
@@ -233,18 +240,22 @@ def test_kernels_on_the_gpu_equal_the_reference_eager_and_compiled(dtype):
     bound as torch's bfloat16 tolerance), and no further from float64 than twice torch's own SDPA in bfloat16."""
     from tpcompile.kernels.flash_decode import launch
     torch._dynamo.reset()  # one compile per case (static shapes), within dynamo's recompile limit
-    compiled = torch.compile(lambda q, k, v, m, s: ops.decode_attention(q, k, v, m, s), fullgraph=True, dynamic=False)
+    compiled = torch.compile(lambda q, k, v, m, s, **tables: ops.decode_attention(q, k, v, m, s, **tables),
+                             fullgraph=True, dynamic=False)
     for case in CASES:
-        unpipelined = lambda q, k, v, m, s, splits: launch(q, k, v, m, s, splits, stages=1)  # noqa: E731
-        for op, hidden in ((launch, None), (lambda q, k, v, m, s, splits: compiled(q, k, v, m, s), None),
-                           (launch, float("nan")), (unpipelined, float("nan"))):  # NaN where the mask hides: never read
-            got, want = run_case(case, dtype, "cuda", op, hidden)
+        unpipelined = lambda q, k, v, m, s, splits, **t: launch(q, k, v, m, s, splits, stages=1, **t)  # noqa: E731
+        through_inductor = lambda q, k, v, m, s, splits, **t: compiled(q, k, v, m, s, **t)  # noqa: E731
+        for op, hidden, rope in ((launch, None, False), (through_inductor, None, False), (launch, None, True),
+                                 (through_inductor, None, True), (launch, float("nan"), False),
+                                 (unpipelined, float("nan"), True)):  # NaN where the mask hides: never read
+            got, want = run_case(case, dtype, "cuda", op, hidden, rope)
             assert got.dtype == dtype and got.shape == want.shape
             if dtype == torch.float32:
                 assert (got.double() - want).abs().max().item() <= 2e-6, case
                 continue
             torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=2 ** -7, msg=str(case))
-            sdpa, _ = run_case(case, dtype, "cuda", lambda q, k, v, m, s, splits: reference(q, k, v, m, s))
+            sdpa, _ = run_case(case, dtype, "cuda", lambda q, k, v, m, s, splits, **t: reference(q, k, v, m, s, **t),
+                               rope=rope)
             err, err_sdpa = ((x.double() - want).norm() / want.norm() for x in (got, sdpa))
             assert err <= 2 * err_sdpa + 1e-4, (case, err, err_sdpa)
 
@@ -281,15 +292,17 @@ def test_inductor_makes_the_layers_mask_once_with_share_attention_mask():
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")
-@pytest.mark.parametrize("backend", ["inductor", "aoti"])
-def test_gpu_artifact_with_the_op_decodes_what_a_full_recompute_does(backend, job_config):
+@pytest.mark.parametrize("backend, rope", [("inductor", False), ("aoti", False), ("aoti", True)])
+def test_gpu_artifact_with_the_op_decodes_what_a_full_recompute_does(backend, rope, job_config):
+    """rope: with rope_into_attention (backend.fuse_rope_attention), q rotated in the op's kernel."""
     from tests.test_generate import PROMPTS, recompute
     from tpcompile.api import Artifact
     from tpcompile.pipeline import build_generation, load_model
     from tpcompile.weights import materialize
-    job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1")
+    job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1", f"backend.fuse_rope_attention={rope}")
     artifact = Artifact(build_generation(job).path)
     assert len(artifact.manifest.changes["decode"]["decode_attention"]) == 2
+    assert len(artifact.manifest.changes["decode"].get("rope_into_attention", [])) == 2 * rope
     model = load_model(job, seq_len=job.generation.max_seq)
     ref = materialize(model.module, model.source, model.dtype)
     got = artifact.generate(PROMPTS, 24)

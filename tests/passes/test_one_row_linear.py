@@ -167,8 +167,8 @@ def test_at_tp_2_the_norms_go_in_and_the_adds_after_an_all_reduce_stay():
 def test_fuse_norm_residual_is_asked_for_and_only_on_gpu_engines():
     """(one_row_linear runs on GPU engines by default: test_decode_attention.py's test of the GPU passes.)"""
     assert "fuse_norm_residual" not in optional_passes("aoti", "cuda")  # opt-in
-    assert "fuse_norm_residual" in optional_passes("aoti", "cuda", fuse_norm_residual=True)
-    assert "fuse_norm_residual" not in optional_passes("aoti", "cpu", fuse_norm_residual=True)
+    assert "fuse_norm_residual" in optional_passes("aoti", "cuda", opt_in=["fuse_norm_residual"])
+    assert "fuse_norm_residual" not in optional_passes("aoti", "cpu", opt_in=["fuse_norm_residual"])
 
 
 # n, k, what the op does around the product, config: rows and columns that the blocks do not divide, a K shorter

@@ -8,7 +8,8 @@ cache that the mask lets it see.
         once (a slot the mask hides is never read, and no branch waits on the mask: a decode step of few filled
         slots is bound by such chains of loads, not by bytes). It computes, for the kv head's whole group of query
         heads at once (one read of k, v), the softmax numerator and denominator online (running max) and writes
-        the normalised partial output and its log-sum-exp.
+        the normalised partial output and its log-sum-exp. Given cos and sin, it first rotates the q it loads
+        (RoPE, rotate-half form): the step needs no kernel of its own for q's rotation.
     merge kernel, program (row b, query head): the splits' partials weighted by exp(lse - max lse).
 
 Blocks are dealt round-robin, so a filled prefix of any length spreads over every split. Triton software-pipelines
@@ -28,16 +29,24 @@ STAGES = 3  # the split kernel's num_stages (Triton's default on CUDA)
 
 
 @triton.jit
-def _split_kernel(Q, K, V, M, O, L, scale: tl.constexpr, S, HKV: tl.constexpr, G: tl.constexpr,
-                  sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms,
+def _split_kernel(Q, K, V, M, O, L, C, SN, scale: tl.constexpr, S, HKV: tl.constexpr, G: tl.constexpr,
+                  sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms, scb, ssb,
                   D: tl.constexpr, SPLITS: tl.constexpr, PER_SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, kvh = bh // HKV, bh % HKV
     g, d, n = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
     g_ok, d_ok = g < G, d < D
     h = kvh * G + g
-    q = tl.load(Q + b * sqb + h[:, None] * sqh + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    q_ok = g_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + d[None, :], mask=q_ok, other=0.0)
+    if ROPE:  # q * cos + rotate_half(q) * sin, rotate_half(q) = cat(-q[D/2:], q[:D/2]), in float32, then q's dtype
+        half = d < D // 2
+        turned = tl.load(Q + b * sqb + h[:, None] * sqh + tl.where(half, d + D // 2, d - D // 2)[None, :],
+                         mask=q_ok, other=0.0).to(tl.float32)
+        cos = tl.load(C + b * scb + d, mask=d_ok, other=0.0).to(tl.float32)
+        sin = tl.load(SN + b * ssb + d, mask=d_ok, other=0.0).to(tl.float32)
+        q = (q.to(tl.float32) * cos[None, :] + tl.where(half[None, :], -turned, turned) * sin[None, :]).to(q.dtype)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -97,10 +106,12 @@ def splits_for(rows: int, slots: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(slots, BLOCK_N), triton.cdiv(4 * sms, rows)))
 
 
-def launch(q, k, v, mask, scale: float, splits: int | None = None, stages: int = STAGES) -> torch.Tensor:
+def launch(q, k, v, mask, scale: float, splits: int | None = None, stages: int = STAGES, cos=None,
+           sin=None) -> torch.Tensor:
     """q (B, Hq, 1, D), k and v (B, Hkv, S, D) with unit stride along D, mask bool (B or 1, 1, 1, S) -> (B, Hq, 1, D)
-    in q's dtype; stages: the split kernel's num_stages. Runs the kernels directly or, under torch.compile / export,
-    as wrapped Triton kernels."""
+    in q's dtype; stages: the split kernel's num_stages; cos, sin (B or 1, 1, 1, D) with unit stride along D, or
+    None: q is rotated first (RoPE, rotate-half form, D even). Runs the kernels directly or, under torch.compile /
+    export, as wrapped Triton kernels."""
     B, HQ, _, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
     G = HQ // HKV
@@ -110,11 +121,14 @@ def launch(q, k, v, mask, scale: float, splits: int | None = None, stages: int =
     lse = torch.empty((B, HQ, splits), dtype=torch.float32, device=q.device)
     y = torch.empty((B, HQ, 1, D), dtype=q.dtype, device=q.device)
     smb = mask.stride(0) if mask.shape[0] > 1 else 0
+    rope = cos is not None
+    cos, sin = (cos, sin) if rope else (q, q)  # not read without rope
+    scb, ssb = (t.stride(0) if rope and t.shape[0] > 1 else 0 for t in (cos, sin))
     block_d = max(16, triton.next_power_of_2(D))
     _wrapped(_split_kernel)[(B * HKV, splits)](
-        q, k, v, mask, partial, lse, scale, S, HKV, G, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), smb, mask.stride(3), D, splits, per_split,
-        max(16, triton.next_power_of_2(G)), block_d, BLOCK_N, q.dtype == torch.float32, num_warps=4,
+        q, k, v, mask, partial, lse, cos, sin, scale, S, HKV, G, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), smb, mask.stride(3), scb, ssb, D, splits, per_split,
+        max(16, triton.next_power_of_2(G)), block_d, BLOCK_N, q.dtype == torch.float32, rope, num_warps=4,
         num_stages=stages)
     _wrapped(_merge_kernel)[(B * HQ,)](partial, lse, y, D, splits, max(2, triton.next_power_of_2(splits)), block_d,
                                           num_warps=4)

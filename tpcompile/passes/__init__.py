@@ -10,6 +10,7 @@ from tpcompile.passes.mask_vocab_lookup import mask_vocab_lookup
 from tpcompile.passes.propagate import (NeedFewerWays, NeedPlacement, Propagation, ShardingError,
                                         propagate_placements)
 from tpcompile.passes.rewrite_shapes import rewrite_shapes
+from tpcompile.passes.rope_into_attention import rope_into_attention
 from tpcompile.passes.split_rowwise_bias import split_rowwise_bias
 from tpcompile.plan import ShardPlan, with_fewer_ways
 
@@ -25,20 +26,22 @@ OPTIONAL = {
                       "(GPU engines, after fuse_linears)",
     "fuse_norm_residual": "the RMSNorm before a one-row product and the residual add after it go into its kernel "
                           "(GPU, opt-in: backend.fuse_norm_residual)",
+    "rope_into_attention": "the query's RoPE is computed in decode_attention's kernel, not a kernel of its own "
+                           "(GPU, opt-in: backend.fuse_rope_attention)",
     "fuse_allreduce_norm": "all-reduce + residual add + RMSNorm as one op (GPU, opt-in: backend.fuse_allreduce)",
 }
 DEFAULT_PASSES = frozenset({"fold_repeat_kv", "fuse_linears"})  # on any backend and device
+GPU_PASSES = frozenset({"decode_attention", "share_attention_mask", "one_row_linear"})  # on where attention_wanted
+OPT_IN = frozenset({"fuse_norm_residual", "rope_into_attention", "fuse_allreduce_norm"})  # only when asked for
 
 
-def optional_passes(backend: str, device: str, skip=(), fuse_allreduce: bool = False,
-                    fuse_norm_residual: bool = False) -> frozenset[str]:
-    """The optional passes a build for `backend` on `device` runs: those that help there, less `skip`."""
+def optional_passes(backend: str, device: str, skip=(), opt_in=()) -> frozenset[str]:
+    """The optional passes a build for `backend` on `device` runs: those that help there, with those of `opt_in` (of
+    OPT_IN) that can run there, less `skip`."""
     on = set(DEFAULT_PASSES)
     if attention_wanted(backend, device):
-        on |= {"decode_attention", "share_attention_mask", "one_row_linear"}
-        if fuse_norm_residual:
-            on.add("fuse_norm_residual")
-    if fuse_allreduce and allreduce_wanted(backend, device):
+        on |= GPU_PASSES | ({"fuse_norm_residual", "rope_into_attention"} & set(opt_in))
+    if "fuse_allreduce_norm" in opt_in and allreduce_wanted(backend, device):
         on.add("fuse_allreduce_norm")
     return frozenset(on - set(skip))
 
@@ -74,8 +77,8 @@ def settle(gm: GraphModule, plan: ShardPlan) -> tuple[Propagation, list, list]:
 
 def partition(gm: GraphModule, plan: ShardPlan, group_name: str, passes: frozenset = frozenset()) -> Partition:
     """Rewrite `gm` in place into the graph every rank runs. passes: the OPTIONAL ones to run here
-    (fuse_allreduce_norm, decode_attention, share_attention_mask; `optional_passes` picks them for a backend and
-    device)."""
+    (fuse_allreduce_norm, decode_attention, rope_into_attention, share_attention_mask; `optional_passes` picks them
+    for a backend and device)."""
     rowwise = {f for f, s in plan.styles.items() if s == "rowwise"}
     changes = {"split_rowwise_bias": plan.applied.get("split_rowwise_bias", []) + split_rowwise_bias(gm, rowwise)}
     prop, replicated_kv, state = settle(gm, plan)
@@ -91,6 +94,8 @@ def partition(gm: GraphModule, plan: ShardPlan, group_name: str, passes: frozens
         changes["fuse_allreduce_norm"] = fuse_allreduce_norm(gm)
     if "decode_attention" in passes:
         changes["decode_attention"] = decode_attention(gm)
+    if "rope_into_attention" in passes:
+        changes["rope_into_attention"] = rope_into_attention(gm)
     if "share_attention_mask" in passes:
         changes["share_attention_mask"] = share_attention_mask(gm)
     gm.graph.eliminate_dead_code()

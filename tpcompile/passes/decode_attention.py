@@ -11,7 +11,8 @@ SDPA reads every slot of the static cache every step, whatever the mask; the op 
 filled prefix, or a sliding window) and only the mask bytes of the rest. Keyed on the node's arguments and shapes
 only: any model whose decode graph attends this way gets it.
 
-share_attention_mask: the mask every layer's op reads is made once per step (one contiguous bool buffer):
+share_attention_mask: the mask every layer's op reads is made once per step (one contiguous bool buffer), and so
+are the cos and sin tables that rope_into_attention gives the op:
 
     before: y_i = tpcompile.decode_attention(q_i, k_i, v_i, mask, s)                    for each layer i
     after:  m = prims.inductor_force_stride_order(mask, contiguous strides)             (once)
@@ -37,6 +38,7 @@ from tpcompile.passes.nodes import computed_once, tensor_val as _val
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 SIGNATURE = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+STEP_INPUTS = (3, 5, 6)  # the op's arguments made once per step for every layer: mask, cos, sin
 BACKENDS = ("eager", "inductor", "inductor_cudagraphs", "aoti", "aoti_cudagraphs")
 
 
@@ -68,25 +70,28 @@ def decode_attention(gm: GraphModule) -> list[str]:
 
 
 def share_attention_mask(gm: GraphModule) -> list[str]:
-    """Returns "mask -> its one copy (N layers)" for each mask read by two or more decode_attention nodes: masks
-    that are the same computation (each layer's own view of one mask, say) count as one."""
+    """Returns "mask -> its one copy (N layers)" for each mask read by two or more decode_attention nodes, and the
+    same for the RoPE tables of rope_into_attention: inputs that are the same computation (each layer's own view of
+    one mask, say) count as one."""
     if not hasattr(torch.ops.tpcompile, "decode_attention"):  # the op's module never imported: no node calls it
         return []
     same = _same_computation(gm)
-    readers: dict[int, list[Node]] = {}
+    readers: dict[tuple, list[tuple[Node, int]]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == torch.ops.tpcompile.decode_attention.default:
-            readers.setdefault(same[node.args[3]], []).append(node)
+            for i in STEP_INPUTS:
+                if i < len(node.args) and isinstance(node.args[i], Node):
+                    readers.setdefault((i, same[node.args[i]]), []).append((node, i))
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     changed = []
-    for nodes in readers.values():
-        mask = min((n.args[3] for n in nodes), key=order.__getitem__)  # the first made: before every reader
-        if len(nodes) < 2 or _val(mask) is None:
+    for uses in readers.values():
+        first = min((n.args[i] for n, i in uses), key=order.__getitem__)  # the first made: before every reader
+        if len(uses) < 2 or _val(first) is None:
             continue
-        once = computed_once(gm, mask)
-        for node in nodes:
-            node.replace_input_with(node.args[3], once)
-        changed.append(f"{mask.name} -> {once.name} ({len(nodes)} layers)")
+        once = computed_once(gm, first)
+        for node, i in uses:
+            node.update_arg(i, once)
+        changed.append(f"{first.name} -> {once.name} ({len(uses)} layers)")
     if changed:
         gm.graph.lint()
         gm.recompile()

@@ -90,6 +90,19 @@ def _only_user(node: Node | None, targets) -> Node | None:
     return users[0] if len(users) == 1 and users[0].target in targets else None
 
 
+def eliminate_dead_code(gm: GraphModule) -> None:
+    """The graph's dead code gone, with export's metadata checks of values nothing else reads (torch.fx keeps those
+    as side effects, and with them what they check)."""
+    while True:
+        gm.graph.eliminate_dead_code()
+        idle = [n for n in gm.graph.nodes if n.target == ASSERT and isinstance(n.args[0], Node)
+                and n.args[0].op == "call_function" and not users_of(n.args[0])]
+        if not idle:
+            return
+        for node in idle:
+            gm.graph.erase_node(node)
+
+
 def users_of(node: Node) -> list[Node]:
     return [u for u in node.users if u.target != ASSERT]  # export's metadata checks are no uses
 

@@ -1,0 +1,133 @@
+"""rope_into_attention: in llama_tiny's decode graph (half-width tables, float32 inside) and transformers' Llama's
+(full-width tables) each layer's query rotation goes into its decode_attention op and the logits stay those of
+the captured graph (the op's reference on the CPU); share_attention_mask makes each table once for all layers;
+rotations the op does not compute, and queries with no rotation, are left alone. The kernel's rotation against
+the reference: test_decode_attention.py (Triton's interpreter, the GPU)."""
+import copy
+
+import pytest
+import torch
+
+from tests.passes.test_decode_attention import B, MAX_SEQ, VOCAB, llama, positions, prefill
+from tpcompile.capture import capture
+from tpcompile.passes import optional_passes
+from tpcompile.passes.decode_attention import decode_attention, share_attention_mask
+from tpcompile.passes.fold_repeat_kv import fold_repeat_kv
+from tpcompile.passes.rope_into_attention import rope_into_attention
+
+ops = torch.ops.tpcompile
+aten = torch.ops.aten
+IDS, POS = torch.tensor([[3], [77]]), positions([9, 30])
+
+
+def attention_nodes(gm):
+    return [n for n in gm.graph.nodes if n.target == ops.decode_attention.default]
+
+
+def rewritten(gm):
+    """gm after decode_attention, and a copy of it after rope_into_attention and share_attention_mask, with what
+    the last two changed."""
+    decode_attention(gm)
+    before = copy.deepcopy(gm)
+    changed = rope_into_attention(gm), share_attention_mask(gm)
+    return before, gm, changed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_graph_rotates_q_in_the_op_and_computes_what_it_did(dtype):
+    """Both layers' rotations of q go in (the half-width tables widened), the key's stays; the tables and the mask
+    are made once for both layers; the logits are bit for bit those before, rows filled to different lengths."""
+    model = llama(dtype)
+    prefill(model, [9, 30])
+    gm = capture(model, (torch.zeros(B, 1, dtype=torch.long), POS))
+    chunks = sum(n.target == aten.chunk.default for n in gm.graph.nodes)
+    before, gm, (rotated, shared) = rewritten(gm)
+    assert [c.split(":")[1] for c in rotated] == [" rotation of transpose (half-width tables)",
+                                                  " rotation of transpose_6 (half-width tables)"]
+    assert sum(n.target == aten.chunk.default for n in gm.graph.nodes) == chunks - 2  # q's gone, k's kept
+    assert len(shared) == 3 and all(s.endswith("(2 layers)") for s in shared)  # mask, cos, sin
+    nodes = attention_nodes(gm)
+    for i in (3, 5, 6):
+        assert len({n.args[i] for n in nodes}) == 1
+    cos = nodes[0].args[5]
+    assert cos.meta["val"].shape == (B, 1, 1, 16) and cos.target == torch.ops.prims.inductor_force_stride_order.default
+    with torch.no_grad():
+        assert torch.equal(gm(IDS, POS), before(IDS, POS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transformers_llama_graph_rotates_q_in_the_op(dtype):
+    """transformers' rotate_half form, after fold_repeat_kv: float32 bit for bit; bfloat16, where the graph rounds
+    each product to bfloat16 and the op rounds once, within one rounding of the logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tpcompile.hf_model import CausalLM
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = CausalLM(LlamaForCausalLM(config).to(dtype).eval())
+    model.setup_cache(B, MAX_SEQ, dtype)
+    prefill(model, [9, 30])
+    gm = capture(model, (torch.zeros(B, 1, dtype=torch.long), POS))
+    assert len(fold_repeat_kv(gm)) == 2
+    before, gm, (rotated, shared) = rewritten(gm)
+    assert len(rotated) == 2 and all(c.endswith("(full-width tables)") for c in rotated)
+    assert aten.neg.default in [n.target for n in gm.graph.nodes]  # the key's rotation stays
+    assert sum(n.target == aten.neg.default for n in gm.graph.nodes) == 2
+    assert len(shared) == 3
+    with torch.no_grad():
+        got, want = gm(IDS, POS), before(IDS, POS)
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2 ** -7)
+
+
+class Attend(torch.nn.Module):
+    """One layer of one-query attention over given k, v, whose query is `rotate(x, cos, sin)`."""
+
+    def __init__(self, rotate):
+        super().__init__()
+        self.rotate = rotate
+
+    def forward(self, x, k, v, mask, cos, sin):
+        return torch.nn.functional.scaled_dot_product_attention(self.rotate(x, cos, sin), k, v, attn_mask=mask)
+
+
+def half(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def swapped(x, cos, sin):  # the second half with the first half's table product: no rotation
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * cos + x2 * sin], dim=-1)
+
+
+def interleaved(x, cos, sin):  # GPT-J's pairs (x[2i], x[2i+1]): not the rotate-half form the op computes
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+
+
+def test_what_is_not_a_rotate_half_rotation_is_left_alone():
+    """Of four queries (rotate-half, a cross-wired one, GPT-J's interleaved pairs, none), the first only goes in;
+    every graph computes what it did."""
+    gen = torch.Generator().manual_seed(0)
+    x, k = torch.randn(2, 4, 1, 16, generator=gen), torch.randn(2, 4, 24, 16, generator=gen)
+    mask = torch.rand(2, 1, 1, 24, generator=gen) < 0.7
+    cos, sin = torch.randn(2, 1, 1, 8, generator=gen), torch.randn(2, 1, 1, 8, generator=gen)
+    args = (x, k, k.flip(2), mask, cos, sin)
+    for rotate, found in ((half, 1), (swapped, 0), (interleaved, 0), (lambda x, c, s: x * c.sum(), 0)):
+        gm = capture(Attend(rotate), args)
+        assert len(decode_attention(gm)) == 1
+        want = gm(*args)
+        assert len(rope_into_attention(gm)) == found, rotate
+        assert len(attention_nodes(gm)[0].args) == 5 + 2 * found
+        torch.testing.assert_close(gm(*args), want, rtol=1e-6, atol=1e-6)
+
+
+def test_rope_into_attention_is_asked_for_and_only_on_gpu_engines():
+    assert "rope_into_attention" not in optional_passes("aoti", "cuda")  # opt-in
+    assert "rope_into_attention" in optional_passes("aoti", "cuda", opt_in=["rope_into_attention"])
+    assert "rope_into_attention" not in optional_passes("aoti", "cpu", opt_in=["rope_into_attention"])
+    assert "rope_into_attention" not in optional_passes("onnx", "cuda", opt_in=["rope_into_attention"])
