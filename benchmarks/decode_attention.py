@@ -3,7 +3,8 @@ decode_attention (scaled_dot_product_attention with the boolean mask, enable_gqa
 (tpcompile/kernels/flash_decode.py), at a model's per-layer shapes, for several filled lengths and cache sizes.
 
     python benchmarks/decode_attention.py            # -> results/decode-attention_llama-8b_<gpu>_<date>.json
-    python benchmarks/decode_attention.py --stages 1 2 4   # and the op at other num_stages of its split kernel
+    python benchmarks/decode_attention.py --stages 1 2 3 --per-sm 2 3 4 8   # and the op at each num_stages of its
+                                                # split kernel and programs per SM (op_s{stages}_p{per_sm}_us)
 
 Each figure is the time of one layer's call, from a CUDA graph of one call per layer, each layer its own cache (as
 in a model: no layer reads another's bytes from L2), replayed; and the bandwidth it reached over the k/v bytes of
@@ -19,7 +20,7 @@ import torch
 
 from common import ceilings, device_tag, provenance, result_path  # benchmarks/common.py
 from tpcompile.kernels.decode_attention import reference
-from tpcompile.kernels.flash_decode import launch
+from tpcompile.kernels.flash_decode import PER_SM, launch, splits_for
 
 SHAPES = {"llama_8b": dict(heads=32, kv_heads=8, head_dim=128, layers=32),
           "llama_1b": dict(heads=32, kv_heads=4, head_dim=64, layers=22)}
@@ -59,7 +60,8 @@ def per_call(fns: list, repeat: int = 20) -> float:
     return (time.perf_counter() - t0) / repeat / len(fns)
 
 
-def row(model: str, batch: int, slots: int, filled: int, bandwidth: float, stages: list[int]) -> dict:
+def row(model: str, batch: int, slots: int, filled: int, bandwidth: float, stages: list[int],
+        per_sm: list[int]) -> dict:
     shape = SHAPES[model]
     scale = 1 / math.sqrt(shape["head_dim"])
     layers = [inputs(shape, batch, slots, filled, seed) for seed in range(shape["layers"])]
@@ -75,10 +77,16 @@ def row(model: str, batch: int, slots: int, filled: int, bandwidth: float, stage
         rec[f"{name}_us"] = sec * 1e6
         rec[f"{name}_fraction_of_copy_bw"] = kv_bytes / sec / bandwidth
     rec["speedup"] = rec["sdpa_us"] / rec["op_us"]
+    cos, sin = (torch.rand(batch, 1, 1, shape["head_dim"], device="cuda") for _ in range(2))
+    rec["op_rope_us"] = per_call([lambda a=a: launch(*a, scale, cos=cos, sin=sin) for a in layers]) * 1e6
+    rows = batch * shape["kv_heads"]
     for n in stages:  # the split kernel at other num_stages (shared memory per program against pipelining)
-        got = launch(*layers[-1], scale, stages=n).double()
-        rec[f"op_stages{n}_max_abs_err"] = (got - want).abs().max().item()
-        rec[f"op_stages{n}_us"] = per_call([lambda a=a: launch(*a, scale, stages=n) for a in layers]) * 1e6
+        for p in per_sm or [PER_SM]:  # and other numbers of programs
+            splits = splits_for(rows, slots, q.device, p)
+            got = launch(*layers[-1], scale, splits, stages=n).double()
+            rec[f"op_s{n}_p{p}_max_abs_err"] = (got - want).abs().max().item()
+            rec[f"op_s{n}_p{p}_splits"] = splits
+            rec[f"op_s{n}_p{p}_us"] = per_call([lambda a=a: launch(*a, scale, splits, stages=n) for a in layers]) * 1e6
     return rec
 
 
@@ -91,6 +99,8 @@ def main():
                     help="batch:cache slots:filled slots")
     ap.add_argument("--stages", nargs="*", type=int, default=[],
                     help="also time the op with these num_stages of its split kernel (op_us: the default's)")
+    ap.add_argument("--per-sm", nargs="*", type=int, default=[],
+                    help="with --stages: also at these split programs per SM (default: the kernel's)")
     args = ap.parse_args()
     base = {**provenance(), **ceilings()}
     bandwidth = base["copy_bandwidth_GBps"] * 1e9
@@ -103,7 +113,7 @@ def main():
         for case in args.cases:
             batch, slots, filled = map(int, case.split(":"))
             try:
-                rows.append(row(model, batch, slots, filled, bandwidth, args.stages))
+                rows.append(row(model, batch, slots, filled, bandwidth, args.stages, args.per_sm))
             except Exception as e:  # keep measuring the rest
                 rows.append({"model": model, "case": case, "error": repr(e)[:500]})
             print(json.dumps(rows[-1]), flush=True)

@@ -26,6 +26,7 @@ from triton.runtime.jit import JITFunction
 
 BLOCK_N = 64  # cache slots per block
 STAGES = 3  # the split kernel's num_stages (Triton's default on CUDA)
+PER_SM = 4  # split programs per SM that `splits_for` aims at
 
 
 @triton.jit
@@ -100,10 +101,10 @@ def _merge_kernel(O, L, Y, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.co
     tl.store(Y + bh * D + d, y.to(Y.dtype.element_ty), mask=d_ok)
 
 
-def splits_for(rows: int, slots: int, device: torch.device) -> int:
-    """Splits per (row, kv head): about four programs per SM in all, never more than the blocks."""
+def splits_for(rows: int, slots: int, device: torch.device, per_sm: int = PER_SM) -> int:
+    """Splits per (row, kv head): about `per_sm` programs per SM in all, never more than the blocks."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(slots, BLOCK_N), triton.cdiv(4 * sms, rows)))
+    return max(1, min(triton.cdiv(slots, BLOCK_N), triton.cdiv(per_sm * sms, rows)))
 
 
 def launch(q, k, v, mask, scale: float, splits: int | None = None, stages: int = STAGES, cos=None,
