@@ -53,8 +53,9 @@ class BackendConfig:
                                        # on CUDA engines that can call it; off by default: its GPU kernel is unmeasured
     fuse_norm_residual: bool = False   # RMSNorm and residual add into the one-row products' kernel
                                        # (passes/one_row_linear.py); off by default until its GPU tests pass
-    fuse_rope_attention: bool = False  # the query's RoPE into the decode-attention kernel
-                                       # (passes/rope_into_attention.py); off by default until measured on a GPU
+    fuse_rope: bool = False            # RoPE of q into the decode-attention kernel, of k into one kernel with
+                                       # both cache writes (passes/rope_into_attention.py, fuse_cache_write.py);
+                                       # off by default until measured on a GPU
     skip_passes: list[str] = field(default_factory=list)  # optional passes to leave out, e.g. [decode_attention]
                                        # (tpcompile.passes.OPTIONAL): to measure each one's effect
 
@@ -72,7 +73,7 @@ class BackendConfig:
         """The optional passes a build of this backend on `device` runs."""
         from tpcompile.passes import optional_passes
         asked = {"fuse_allreduce_norm": self.fuse_allreduce, "fuse_norm_residual": self.fuse_norm_residual,
-                 "rope_into_attention": self.fuse_rope_attention}
+                 "rope_into_attention": self.fuse_rope, "fuse_cache_write": self.fuse_rope}
         return optional_passes(self.name, device, self.skip_passes, [name for name, on in asked.items() if on])
 
 

@@ -78,7 +78,7 @@ def test_the_layers_read_one_copy_of_the_mask_made_once():
     masks = {n.args[3] for n in decode.graph.nodes if n.target == ops.decode_attention.default}
     changed = share_attention_mask(decode)
     assert len(masks) == 2  # each layer views the step's mask itself
-    assert len(changed) == 1 and changed[0].endswith("(2 layers)")
+    assert len(changed) == 1 and changed[0].endswith("(2 reads)")
     readers = [n for n in decode.graph.nodes if n.target == ops.decode_attention.default]
     once = {n.args[3] for n in readers}
     assert len(once) == 1 and len(readers) == 2
@@ -144,7 +144,7 @@ def test_transformers_sliding_window_decode_graph_is_rewritten_with_its_window_m
     nodes = [n for n in gm.graph.nodes if n.target == ops.decode_attention.default]
     assert all(n.args[3].meta["val"].shape == (B, 1, 1, MAX_SEQ + 1) for n in nodes)
     assert all(n.args[4] == pytest.approx(1 / math.sqrt(16)) for n in nodes)
-    assert [c.endswith("(2 layers)") for c in share_attention_mask(gm)] == [True]  # one window mask for both
+    assert [c.endswith("(2 reads)") for c in share_attention_mask(gm)] == [True]  # one window mask for both
 
 
 def test_attention_the_op_does_not_cover_is_left_alone():
@@ -294,15 +294,17 @@ def test_inductor_makes_the_layers_mask_once_with_share_attention_mask():
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")
 @pytest.mark.parametrize("backend, rope", [("inductor", False), ("aoti", False), ("aoti", True)])
 def test_gpu_artifact_with_the_op_decodes_what_a_full_recompute_does(backend, rope, job_config):
-    """rope: with rope_into_attention (backend.fuse_rope_attention), q rotated in the op's kernel."""
+    """rope: with rope_into_attention and fuse_cache_write (backend.fuse_rope): q rotated in the op's kernel, k
+    rotated and both caches written by write_kv's."""
     from tests.test_generate import PROMPTS, recompute
     from tpcompile.api import Artifact
     from tpcompile.pipeline import build_generation, load_model
     from tpcompile.weights import materialize
-    job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1", f"backend.fuse_rope_attention={rope}")
+    job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1", f"backend.fuse_rope={rope}")
     artifact = Artifact(build_generation(job).path)
     assert len(artifact.manifest.changes["decode"]["decode_attention"]) == 2
-    assert len(artifact.manifest.changes["decode"].get("rope_into_attention", [])) == 2 * rope
+    for name in ("rope_into_attention", "fuse_cache_write"):
+        assert len(artifact.manifest.changes["decode"].get(name, [])) == 2 * rope
     model = load_model(job, seq_len=job.generation.max_seq)
     ref = materialize(model.module, model.source, model.dtype)
     got = artifact.generate(PROMPTS, 24)

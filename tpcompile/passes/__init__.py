@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule
 
+from tpcompile.passes.fuse_cache_write import fuse_cache_write
 from tpcompile.passes.decode_attention import decode_attention, share_attention_mask, wanted as attention_wanted
 from tpcompile.passes.fuse_allreduce_norm import fuse_allreduce_norm, wanted as allreduce_wanted
 from tpcompile.passes.insert_collectives import insert_collectives
@@ -27,12 +28,14 @@ OPTIONAL = {
     "fuse_norm_residual": "the RMSNorm before a one-row product and the residual add after it go into its kernel "
                           "(GPU, opt-in: backend.fuse_norm_residual)",
     "rope_into_attention": "the query's RoPE is computed in decode_attention's kernel, not a kernel of its own "
-                           "(GPU, opt-in: backend.fuse_rope_attention)",
+                           "(GPU, opt-in: backend.fuse_rope)",
+    "fuse_cache_write": "a decode step's k and v cache writes as one kernel, k's RoPE inside (GPU, opt-in: "
+                        "backend.fuse_rope)",
     "fuse_allreduce_norm": "all-reduce + residual add + RMSNorm as one op (GPU, opt-in: backend.fuse_allreduce)",
 }
 DEFAULT_PASSES = frozenset({"fold_repeat_kv", "fuse_linears"})  # on any backend and device
 GPU_PASSES = frozenset({"decode_attention", "share_attention_mask", "one_row_linear"})  # on where attention_wanted
-OPT_IN = frozenset({"fuse_norm_residual", "rope_into_attention", "fuse_allreduce_norm"})  # only when asked for
+OPT_IN = frozenset({"fuse_norm_residual", "rope_into_attention", "fuse_cache_write", "fuse_allreduce_norm"})
 
 
 def optional_passes(backend: str, device: str, skip=(), opt_in=()) -> frozenset[str]:
@@ -40,7 +43,7 @@ def optional_passes(backend: str, device: str, skip=(), opt_in=()) -> frozenset[
     OPT_IN) that can run there, less `skip`."""
     on = set(DEFAULT_PASSES)
     if attention_wanted(backend, device):
-        on |= GPU_PASSES | ({"fuse_norm_residual", "rope_into_attention"} & set(opt_in))
+        on |= GPU_PASSES | ({"fuse_norm_residual", "rope_into_attention", "fuse_cache_write"} & set(opt_in))
     if "fuse_allreduce_norm" in opt_in and allreduce_wanted(backend, device):
         on.add("fuse_allreduce_norm")
     return frozenset(on - set(skip))
@@ -77,8 +80,8 @@ def settle(gm: GraphModule, plan: ShardPlan) -> tuple[Propagation, list, list]:
 
 def partition(gm: GraphModule, plan: ShardPlan, group_name: str, passes: frozenset = frozenset()) -> Partition:
     """Rewrite `gm` in place into the graph every rank runs. passes: the OPTIONAL ones to run here
-    (fuse_allreduce_norm, decode_attention, rope_into_attention, share_attention_mask; `optional_passes` picks them
-    for a backend and device)."""
+    (fuse_allreduce_norm, decode_attention, rope_into_attention, fuse_cache_write, share_attention_mask;
+    `optional_passes` picks them for a backend and device)."""
     rowwise = {f for f, s in plan.styles.items() if s == "rowwise"}
     changes = {"split_rowwise_bias": plan.applied.get("split_rowwise_bias", []) + split_rowwise_bias(gm, rowwise)}
     prop, replicated_kv, state = settle(gm, plan)
@@ -96,6 +99,8 @@ def partition(gm: GraphModule, plan: ShardPlan, group_name: str, passes: frozens
         changes["decode_attention"] = decode_attention(gm)
     if "rope_into_attention" in passes:
         changes["rope_into_attention"] = rope_into_attention(gm)
+    if "fuse_cache_write" in passes:
+        changes["fuse_cache_write"] = fuse_cache_write(gm)
     if "share_attention_mask" in passes:
         changes["share_attention_mask"] = share_attention_mask(gm)
     gm.graph.eliminate_dead_code()

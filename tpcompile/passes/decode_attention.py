@@ -12,7 +12,7 @@ filled prefix, or a sliding window) and only the mask bytes of the rest. Keyed o
 only: any model whose decode graph attends this way gets it.
 
 share_attention_mask: the mask every layer's op reads is made once per step (one contiguous bool buffer), and so
-are the cos and sin tables that rope_into_attention gives the op:
+are the cos and sin tables that rope_into_attention gives the op (and fuse_cache_write its write_kv op):
 
     before: y_i = tpcompile.decode_attention(q_i, k_i, v_i, mask, s)                    for each layer i
     after:  m = prims.inductor_force_stride_order(mask, contiguous strides)             (once)
@@ -38,7 +38,8 @@ from tpcompile.passes.nodes import computed_once, tensor_val as _val
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 SIGNATURE = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-STEP_INPUTS = (3, 5, 6)  # the op's arguments made once per step for every layer: mask, cos, sin
+# the arguments made once per step for every layer: decode_attention's mask, cos, sin; write_kv's cos, sin
+STEP_INPUTS = {"decode_attention": (3, 5, 6), "write_kv": (5, 6)}
 BACKENDS = ("eager", "inductor", "inductor_cudagraphs", "aoti", "aoti_cudagraphs")
 
 
@@ -70,18 +71,19 @@ def decode_attention(gm: GraphModule) -> list[str]:
 
 
 def share_attention_mask(gm: GraphModule) -> list[str]:
-    """Returns "mask -> its one copy (N layers)" for each mask read by two or more decode_attention nodes, and the
-    same for the RoPE tables of rope_into_attention: inputs that are the same computation (each layer's own view of
-    one mask, say) count as one."""
+    """Returns "mask -> its one copy (N reads)" for each mask read by two or more decode_attention nodes, and the
+    same for the RoPE tables of rope_into_attention and fuse_cache_write: inputs that are the same computation (each
+    layer's own view of one mask, say) count as one."""
     if not hasattr(torch.ops.tpcompile, "decode_attention"):  # the op's module never imported: no node calls it
         return []
     same = _same_computation(gm)
-    readers: dict[tuple, list[tuple[Node, int]]] = {}
+    ops = {getattr(torch.ops.tpcompile, name).default: at for name, at in STEP_INPUTS.items()
+           if hasattr(torch.ops.tpcompile, name)}
+    readers: dict[int, list[tuple[Node, int]]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.tpcompile.decode_attention.default:
-            for i in STEP_INPUTS:
-                if i < len(node.args) and isinstance(node.args[i], Node):
-                    readers.setdefault((i, same[node.args[i]]), []).append((node, i))
+        for i in ops.get(node.target, ()) if node.op == "call_function" else ():
+            if i < len(node.args) and isinstance(node.args[i], Node):
+                readers.setdefault(same[node.args[i]], []).append((node, i))
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     changed = []
     for uses in readers.values():
@@ -91,7 +93,7 @@ def share_attention_mask(gm: GraphModule) -> list[str]:
         once = computed_once(gm, first)
         for node, i in uses:
             node.update_arg(i, once)
-        changed.append(f"{first.name} -> {once.name} ({len(uses)} layers)")
+        changed.append(f"{first.name} -> {once.name} ({len(uses)} reads)")
     if changed:
         gm.graph.lint()
         gm.recompile()

@@ -16,7 +16,7 @@ where x is (B, Hq, 1, D) in q's dtype, D even, and the tables are (B or 1, 1, 1,
 float32 and rounds to q's dtype once (as Inductor computes such pointwise chains); a graph that rounds between the
 products (transformers' bfloat16 RoPE run eagerly) differs from it by that rounding. Keyed on the graph's
 operations only. Runs after decode_attention, before share_attention_mask (which makes each table once per step
-for every layer); opt-in (`backend.fuse_rope_attention=true`) until measured on a GPU.
+for every layer); opt-in (`backend.fuse_rope=true`) until measured on a GPU.
 """
 import operator
 
@@ -41,9 +41,8 @@ def rope_into_attention(gm: GraphModule) -> list[str]:
         if found is None:
             continue
         x, cos, sin, half = found
-        if half:
-            with gm.graph.inserting_before(node):
-                cos, sin = (_twice(gm, t) for t in (cos, sin))
+        with gm.graph.inserting_before(node):
+            cos, sin = (widened(gm, t, half) for t in (cos, sin))
         node.args = (x, *node.args[1:], cos, sin)
         changed.append(f"{node.name}: rotation of {x.name} ({'half' if half else 'full'}-width tables)")
     if changed:
@@ -159,8 +158,10 @@ def _table(node, rows: int, width: int) -> bool:
         and tuple(val.shape[1:]) == (1, 1, width)
 
 
-def _twice(gm: GraphModule, table: Node) -> Node:
-    """cat([table, table], -1): a half-width table at full width."""
+def widened(gm: GraphModule, table: Node, half: bool) -> Node:
+    """The table at full width: cat([table, table], -1) of a half-width one, inserted where the graph inserts."""
+    if not half:
+        return table
     val = _val(table)
     full = gm.graph.call_function(aten.cat.default, ([table, table], -1))
     full.meta = {**table.meta, "val": val.new_empty((*val.shape[:-1], 2 * val.shape[-1]))}

@@ -1,8 +1,11 @@
-"""rope_into_attention: in llama_tiny's decode graph (half-width tables, float32 inside) and transformers' Llama's
-(full-width tables) each layer's query rotation goes into its decode_attention op and the logits stay those of
-the captured graph (the op's reference on the CPU); share_attention_mask makes each table once for all layers;
-rotations the op does not compute, and queries with no rotation, are left alone. The kernel's rotation against
-the reference: test_decode_attention.py (Triton's interpreter, the GPU)."""
+"""The passes of backend.fuse_rope. rope_into_attention: in llama_tiny's decode graph (half-width tables, float32
+inside) and transformers' Llama's (full-width tables) each layer's query rotation goes into its decode_attention
+op and the logits stay those of the captured graph (the op's reference on the CPU); share_attention_mask makes
+each table once for all layers; rotations the op does not compute, and queries with no rotation, are left alone.
+fuse_cache_write: each layer's two cache writes become one write_kv, k's rotation inside; logits and caches after
+a step equal the captured graph's, eagerly and compiled by Inductor (the attention reads the caches after the
+write); writes it does not cover are left alone; its Triton kernel against the reference in Triton's interpreter
+and on a GPU. The split kernel's rotation against the reference: test_decode_attention.py."""
 import copy
 
 import pytest
@@ -13,6 +16,7 @@ from tpcompile.capture import capture
 from tpcompile.passes import optional_passes
 from tpcompile.passes.decode_attention import decode_attention, share_attention_mask
 from tpcompile.passes.fold_repeat_kv import fold_repeat_kv
+from tpcompile.passes.fuse_cache_write import fuse_cache_write
 from tpcompile.passes.rope_into_attention import rope_into_attention
 
 ops = torch.ops.tpcompile
@@ -24,13 +28,21 @@ def attention_nodes(gm):
     return [n for n in gm.graph.nodes if n.target == ops.decode_attention.default]
 
 
-def rewritten(gm):
-    """gm after decode_attention, and a copy of it after rope_into_attention and share_attention_mask, with what
-    the last two changed."""
+def rewritten(gm, cache_write: bool = False):
+    """A copy of gm after decode_attention, and gm after it, rope_into_attention[, fuse_cache_write] and
+    share_attention_mask, with what the last ones changed."""
     decode_attention(gm)
     before = copy.deepcopy(gm)
-    changed = rope_into_attention(gm), share_attention_mask(gm)
+    changed = rope_into_attention(gm), *([fuse_cache_write(gm)] if cache_write else []), share_attention_mask(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     return before, gm, changed
+
+
+def step(gm):
+    """The logits of a decode step and the caches after it."""
+    with torch.no_grad():
+        return gm(IDS, POS), {name: t.clone() for name, t in gm.named_buffers()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -45,7 +57,7 @@ def test_llama_graph_rotates_q_in_the_op_and_computes_what_it_did(dtype):
     assert [c.split(":")[1] for c in rotated] == [" rotation of transpose (half-width tables)",
                                                   " rotation of transpose_6 (half-width tables)"]
     assert sum(n.target == aten.chunk.default for n in gm.graph.nodes) == chunks - 2  # q's gone, k's kept
-    assert len(shared) == 3 and all(s.endswith("(2 layers)") for s in shared)  # mask, cos, sin
+    assert len(shared) == 3 and all(s.endswith("(2 reads)") for s in shared)  # mask, cos, sin
     nodes = attention_nodes(gm)
     for i in (3, 5, 6):
         assert len({n.args[i] for n in nodes}) == 1
@@ -56,9 +68,10 @@ def test_llama_graph_rotates_q_in_the_op_and_computes_what_it_did(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_transformers_llama_graph_rotates_q_in_the_op(dtype):
-    """transformers' rotate_half form, after fold_repeat_kv: float32 bit for bit; bfloat16, where the graph rounds
-    each product to bfloat16 and the op rounds once, within one rounding of the logits."""
+def test_transformers_llama_graph_rotates_q_in_the_op_and_writes_the_caches_with_one(dtype):
+    """transformers' rotate_half form, after fold_repeat_kv, rope_into_attention alone and with fuse_cache_write:
+    float32 bit for bit (logits and caches); bfloat16, where the graph rounds each product to bfloat16 and the ops
+    round once, within one rounding."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tpcompile.hf_model import CausalLM
@@ -70,17 +83,49 @@ def test_transformers_llama_graph_rotates_q_in_the_op(dtype):
     prefill(model, [9, 30])
     gm = capture(model, (torch.zeros(B, 1, dtype=torch.long), POS))
     assert len(fold_repeat_kv(gm)) == 2
-    before, gm, (rotated, shared) = rewritten(gm)
+    only_q = copy.deepcopy(gm)
+    before, only_q, (rotated, shared) = rewritten(only_q)
     assert len(rotated) == 2 and all(c.endswith("(full-width tables)") for c in rotated)
-    assert aten.neg.default in [n.target for n in gm.graph.nodes]  # the key's rotation stays
-    assert sum(n.target == aten.neg.default for n in gm.graph.nodes) == 2
+    assert sum(n.target == aten.neg.default for n in only_q.graph.nodes) == 2  # the key's rotation stays
     assert len(shared) == 3
-    with torch.no_grad():
-        got, want = gm(IDS, POS), before(IDS, POS)
+    _, gm, (_, written, _) = rewritten(gm, cache_write=True)
+    assert len(written) == 2 and aten.neg.default not in [n.target for n in gm.graph.nodes]
+    (want, want_caches), (got_q, _), (got, got_caches) = step(before), step(only_q), step(gm)
     if dtype == torch.float32:
-        assert torch.equal(got, want)
+        assert torch.equal(got_q, want) and torch.equal(got, want)
+        assert all(torch.equal(got_caches[n], want_caches[n]) for n in want_caches)
     else:
-        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2 ** -7)
+        for logits in (got_q, got):
+            torch.testing.assert_close(logits, want, rtol=2 ** -7, atol=2 ** -7)
+        for n in want_caches:
+            torch.testing.assert_close(got_caches[n], want_caches[n], rtol=2 ** -7, atol=2 ** -7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_graph_writes_both_caches_with_one_op_before_attention_reads_them(dtype):
+    """Each layer's two index_put_ become one write_kv (k rotated in it), the tables made once for both ops of both
+    layers; logits and caches after a step bit for bit those before; compiled by Inductor (the op's reference on
+    the CPU, functionalized: the reads ordered after the write) within float rounding."""
+    model = llama(dtype)
+    prefill(model, [9, 30])
+    gm = capture(model, (torch.zeros(B, 1, dtype=torch.long), POS))
+    before, gm, (_, written, shared) = rewritten(gm, cache_write=True)
+    assert written == [f"layers_{i}_attn_cache_k, layers_{i}_attn_cache_v: one write, k rotated" for i in (0, 1)]
+    targets = [n.target for n in gm.graph.nodes]
+    assert aten.index_put_.default not in targets and aten.chunk.default not in targets  # no rotation left either
+    assert sorted(c.rsplit("(", 1)[1] for c in shared) == ["2 reads)", "4 reads)", "4 reads)"]  # mask; cos, sin
+    writes = [n for n in gm.graph.nodes if n.target == ops.write_kv.default]
+    assert len(writes) == 2 and len({n.args[5] for n in writes} | {n.args[5] for n in attention_nodes(gm)}) == 1
+    compiled = copy.deepcopy(gm)
+    (want, want_caches), (got, got_caches) = step(before), step(gm)
+    assert torch.equal(got, want) and got_caches.keys() == want_caches.keys()
+    assert all(torch.equal(got_caches[n], want_caches[n]) for n in want_caches)
+    with torch.no_grad():
+        logits = torch.compile(compiled, fullgraph=True, dynamic=False)(IDS, POS)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(logits, want, **tol)
+    for name, t in compiled.named_buffers():
+        torch.testing.assert_close(t, want_caches[name], **tol)
 
 
 class Attend(torch.nn.Module):
