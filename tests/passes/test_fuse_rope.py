@@ -7,6 +7,8 @@ a step equal the captured graph's, eagerly and compiled by Inductor (the attenti
 write); writes it does not cover are left alone; its Triton kernel against the reference in Triton's interpreter
 and on a GPU. The split kernel's rotation against the reference: test_decode_attention.py."""
 import copy
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -21,6 +23,8 @@ from tpcompile.passes.rope_into_attention import rope_into_attention
 
 ops = torch.ops.tpcompile
 aten = torch.ops.aten
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
 IDS, POS = torch.tensor([[3], [77]]), positions([9, 30])
 
 
@@ -176,3 +180,102 @@ def test_rope_into_attention_is_asked_for_and_only_on_gpu_engines():
     assert "rope_into_attention" in optional_passes("aoti", "cuda", opt_in=["rope_into_attention"])
     assert "rope_into_attention" not in optional_passes("aoti", "cpu", opt_in=["rope_into_attention"])
     assert "rope_into_attention" not in optional_passes("onnx", "cuda", opt_in=["rope_into_attention"])
+
+
+def test_what_is_not_one_new_slot_per_row_is_left_alone():
+    """Writes that add into the cache (accumulate) are no plain writes: the graph keeps both index_put_; the same
+    writes without accumulate become one write_kv; every graph computes what it did."""
+    class Write(torch.nn.Module):
+        def __init__(self, accumulate: bool):
+            super().__init__()
+            self.accumulate = accumulate
+            self.register_buffer("kc", torch.randn(2, 2, 12, 8, generator=torch.Generator().manual_seed(1)))
+            self.register_buffer("vc", torch.randn(2, 2, 12, 8, generator=torch.Generator().manual_seed(2)))
+
+        def forward(self, q, k, v, pos, mask):
+            rows = torch.arange(2)[:, None]
+            kc = aten.index_put_(self.kc, [rows, None, pos], k.transpose(1, 2), self.accumulate)
+            vc = aten.index_put_(self.vc, [rows, None, pos], v.transpose(1, 2), self.accumulate)
+            return torch.nn.functional.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 4, 1, 8, generator=gen), torch.randn(2, 2, 1, 8, generator=gen),
+            torch.randn(2, 2, 1, 8, generator=gen), torch.tensor([[3], [11]]),
+            torch.arange(12)[None, None, None, :] <= torch.tensor([3, 11])[:, None, None, None])
+    for accumulate, found in ((True, 0), (False, 1)):
+        module = Write(accumulate)
+        gm = capture(module, args)
+        assert len(decode_attention(gm)) == 1
+        want = copy.deepcopy(gm)(*args)
+        assert len(fuse_cache_write(gm)) == found, accumulate
+        assert sum(n.target == aten.index_put_.default for n in gm.graph.nodes) == 2 * (1 - found)
+        torch.testing.assert_close(gm(*args), want, rtol=1e-6, atol=1e-6)
+
+
+WRITE_CASES = [  # B, Hkv, S, D, positions, RoPE tables: one per row, one for all, none
+    (2, 4, 41, 16, [9, 40], "rows"),
+    (1, 2, 17, 64, [0], "shared"),
+    (3, 1, 9, 24, [8, 3, 5], None),       # D not a power of two
+    (2, 8, 65, 128, [64, 1], "rows"),
+]
+
+
+def run_write(case, dtype, device, launch):
+    """The caches after `launch` and after the reference, from the same random caches, k and v (views into one
+    projection's output, as in a graph) and tables."""
+    from tpcompile.kernels.write_kv import reference
+    b, h, s, d, pos, tables = case
+    gen = torch.Generator().manual_seed(s * d)
+    caches = [torch.randn(b, h, s, d, generator=gen).to(dtype).to(device) for _ in range(2)]
+    row = torch.randn(b, 1, 3 * h * d, generator=gen).to(dtype).to(device)
+    k, v = (row[..., i * h * d:(i + 1) * h * d].view(b, 1, h, d).transpose(1, 2) for i in (0, 2))
+    rope = {}
+    if tables:
+        rows = b if tables == "rows" else 1
+        rope = {name: torch.randn(rows, 1, 1, d, generator=gen).to(device) for name in ("cos", "sin")}
+    positions = torch.tensor(pos, device=device)[:, None]
+    got, want = [c.clone() for c in caches], [c.clone() for c in caches]
+    launch(*got, k, v, positions, rope.get("cos"), rope.get("sin"))
+    reference(*want, k, v, positions, rope.get("cos"), rope.get("sin"))
+    return got, want, caches
+
+
+def check_write(got, want, before, dtype, case):
+    """Equal to the reference (k rotated: within one rounding of the cache's dtype) and every other slot as it was."""
+    tol = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    for g, w, old in zip(got, want, before):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=str(case))
+        new = torch.zeros_like(old, dtype=torch.bool)
+        new[torch.arange(len(case[4]))[:, None], :, torch.tensor(case[4])[:, None]] = True
+        assert torch.equal(g[~new], old[~new]), case
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton's interpreter needs triton")
+def test_write_kernel_in_the_triton_interpreter_equals_the_reference():
+    """float32 and float16 (the interpreter has no bfloat16), every case, in a process with TRITON_INTERPRET=1."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    code = ("import torch; from tests.passes.test_fuse_rope import WRITE_CASES, run_write, check_write\n"
+            "from tpcompile.kernels.kv_store import launch\n"
+            "for dtype in (torch.float32, torch.float16):\n"
+            "    for case in WRITE_CASES:\n"
+            "        check_write(*run_write(case, dtype, 'cpu', launch), dtype, case)\n"
+            "        print(case, dtype)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1",
+                                                                   "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("torch.float") == 2 * len(WRITE_CASES)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernel needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kernel_on_the_gpu_equals_the_reference_eager_and_compiled(dtype):
+    from tpcompile.kernels.kv_store import launch
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: ops.write_kv(*a), fullgraph=True, dynamic=False)
+    for case in WRITE_CASES:
+        for fn in (launch, compiled):
+            check_write(*run_write(case, dtype, "cuda", fn), dtype, case)

@@ -42,11 +42,11 @@ def _op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, cos: Tensor
     if q.device.type != "cuda":
         return reference(q, k, v, mask, scale, cos, sin)
     from tpcompile.kernels.flash_decode import launch
-    tables = {} if cos is None else {"cos": _unit_last(cos), "sin": _unit_last(sin)}
-    return launch(_unit_last(q), _unit_last(k), _unit_last(v), mask, scale, **tables)
+    tables = {} if cos is None else {"cos": unit_last(cos), "sin": unit_last(sin)}
+    return launch(unit_last(q), unit_last(k), unit_last(v), mask, scale, **tables)
 
 
-def _unit_last(x: Tensor) -> Tensor:
+def unit_last(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 

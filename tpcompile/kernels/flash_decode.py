@@ -21,8 +21,8 @@ fit on an SM than `splits_for` asks for when most have work; `launch(..., stages
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
-from triton.runtime.jit import JITFunction
+
+from tpcompile.kernels.launching import wrapped
 
 BLOCK_N = 64  # cache slots per block
 STAGES = 3  # the split kernel's num_stages (Triton's default on CUDA)
@@ -126,17 +126,12 @@ def launch(q, k, v, mask, scale: float, splits: int | None = None, stages: int =
     cos, sin = (cos, sin) if rope else (q, q)  # not read without rope
     scb, ssb = (t.stride(0) if rope and t.shape[0] > 1 else 0 for t in (cos, sin))
     block_d = max(16, triton.next_power_of_2(D))
-    _wrapped(_split_kernel)[(B * HKV, splits)](
+    wrapped(_split_kernel)[(B * HKV, splits)](
         q, k, v, mask, partial, lse, cos, sin, scale, S, HKV, G, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), smb, mask.stride(3), scb, ssb, D, splits, per_split,
         max(16, triton.next_power_of_2(G)), block_d, BLOCK_N, q.dtype == torch.float32, rope, num_warps=4,
         num_stages=stages)
-    _wrapped(_merge_kernel)[(B * HQ,)](partial, lse, y, D, splits, max(2, triton.next_power_of_2(splits)), block_d,
+    wrapped(_merge_kernel)[(B * HQ,)](partial, lse, y, D, splits, max(2, triton.next_power_of_2(splits)), block_d,
                                           num_warps=4)
     return y
 
-
-def _wrapped(kernel):
-    """The kernel as torch.compile and export can trace it; as it is under Triton's interpreter (TRITON_INTERPRET=1,
-    where it is no JITFunction)."""
-    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel

@@ -19,8 +19,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
-from triton.runtime.jit import JITFunction
+
+from tpcompile.kernels.launching import wrapped
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): the settings that won for llama_1b's and llama_8b's products on an H200
 # in a wider sweep of up to 8 rows per program (benchmarks/gemv.py), and two of 16 rows for short rows (K = 2,048:
@@ -69,12 +69,10 @@ def launch(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor | None, config: tu
         raise ValueError("row_linear: up and norm together are not a product this kernel computes")
     block_n, block_k, warps, stages = config
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    interpreted = not isinstance(_gemv_kernel, JITFunction)  # TRITON_INTERPRET=1: run it as it is
-    kernel = _gemv_kernel if interpreted else wrap_triton(_gemv_kernel)
-    kernel[(triton.cdiv(n, block_n),)](x, x if up is None else up, x if norm is None else norm,
-                                       y if residual is None else residual, w, y, n, k, float(eps), up is not None,
-                                       norm is not None, residual is not None, block_n, block_k,
-                                       num_warps=warps, num_stages=stages)
+    wrapped(_gemv_kernel)[(triton.cdiv(n, block_n),)](
+        x, x if up is None else up, x if norm is None else norm, y if residual is None else residual, w, y, n, k,
+        float(eps), up is not None, norm is not None, residual is not None, block_n, block_k, num_warps=warps,
+        num_stages=stages)
     return y
 
 

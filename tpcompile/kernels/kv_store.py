@@ -5,7 +5,7 @@ at slot positions[b] of their caches. One launch for both caches of a layer. Nee
 import triton
 import triton.language as tl
 
-from tpcompile.kernels.flash_decode import _wrapped
+from tpcompile.kernels.launching import wrapped
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def launch(k_cache, v_cache, k, v, positions, cos=None, sin=None) -> None:
     rope = cos is not None
     cos, sin = (cos, sin) if rope else (k, k)  # not read without rope
     scosb, ssinb = (t.stride(0) if rope and t.shape[0] > 1 else 0 for t in (cos, sin))
-    _wrapped(_store_kernel)[(B * H,)](
+    wrapped(_store_kernel)[(B * H,)](
         k, v, k_cache, v_cache, positions, cos, sin, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), positions.stride(0), scosb, ssinb, H, D, max(16, triton.next_power_of_2(D)), rope,

@@ -18,7 +18,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from tpcompile.kernels.decode_attention import _unit_last, rotated
+from tpcompile.kernels.decode_attention import unit_last, rotated
 
 NAME = "tpcompile::write_kv"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -37,8 +37,8 @@ def _op(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tenso
     if k.device.type != "cuda":
         return reference(k_cache, v_cache, k, v, positions, cos, sin)
     from tpcompile.kernels.kv_store import launch
-    tables = (None, None) if cos is None else (_unit_last(cos), _unit_last(sin))
-    launch(k_cache, v_cache, _unit_last(k), _unit_last(v), positions, *tables)
+    tables = (None, None) if cos is None else (unit_last(cos), unit_last(sin))
+    launch(k_cache, v_cache, unit_last(k), unit_last(v), positions, *tables)
 
 
 if HAS_TRITON:
