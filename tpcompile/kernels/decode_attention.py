@@ -8,11 +8,11 @@ query see; what the pass decode_attention puts into decode graphs:
     rope_into_attention: the query is q rotated first, q * cos + rotate_half(q) * sin (rotate_half(q) =
     cat(-q[..., D/2:], q[..., :D/2])), in float32 and rounded to q's dtype.
 
-Reference (any device): scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=True), the op the
-pass replaced, after `rotated` where cos and sin are given. On a GPU with triton: flash_decode.py, whose split kernel reads k and v only of the slots the mask
-lets the query see, so a decode step reads the filled prefix of the cache, not all of it. Registered as a
-torch.library.triton_op there, so Inductor and AOTInductor compile its kernels into the engine (no Python call
-at run time); without triton it is a plain custom op that runs the reference.
+Reference (any device): scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=True), the op the pass
+replaced, after `rotated` where cos and sin are given. On a GPU with triton: flash_decode.py, whose split kernel
+reads k and v only of the slots the mask lets the query see, so a decode step reads the filled prefix of the cache,
+not all of it. Registered as a torch.library.triton_op there, so Inductor and AOTInductor compile its kernels into
+the engine (no Python call at run time); without triton it is a plain custom op that runs the reference.
 """
 import importlib.util
 

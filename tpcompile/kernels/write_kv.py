@@ -8,10 +8,10 @@ what the pass fuse_cache_write puts into decode graphs:
     cos, sin (B or 1, 1, 1, D): k is rotated first, k * cos + rotate_half(k) * sin, in float32, then rounded to the
     cache's dtype (kernels/decode_attention.rotated).
 
-Reference (any device): each written by indexing (index_put_), as the graph wrote them. On a GPU with triton: kv_store.py, one kernel
-for both caches. Registered as a torch.library.triton_op that mutates both caches, so Inductor and AOTInductor
-compile the kernel into the engine and order the cache's readers after it; without triton, a custom op that runs
-the reference.
+Reference (any device): each written by indexing (index_put_), as the graph wrote them. On a GPU with triton:
+kv_store.py, one kernel for both caches. Registered as a torch.library.triton_op that mutates both caches, so
+Inductor and AOTInductor compile the kernel into the engine and order the cache's readers after it; without triton,
+a custom op that runs the reference.
 """
 import importlib.util
 
