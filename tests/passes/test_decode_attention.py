@@ -292,21 +292,25 @@ def test_inductor_makes_the_layers_mask_once_with_share_attention_mask():
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")
-@pytest.mark.parametrize("backend, rope", [("inductor", False), ("aoti", False), ("aoti", True)])
-def test_gpu_artifact_with_the_op_decodes_what_a_full_recompute_does(backend, rope, job_config):
+@pytest.mark.parametrize("backend, rope, one_row", [("inductor", False, False), ("aoti", False, False),
+                                                    ("aoti", True, False), ("aoti", True, True)])
+def test_gpu_artifact_with_the_op_decodes_what_a_full_recompute_does(backend, rope, one_row, job_config):
     """rope: with rope_into_attention and fuse_cache_write (backend.fuse_rope): q rotated in the op's kernel, k
-    rotated and both caches written by write_kv's."""
+    rotated and both caches written by write_kv's; one_row: an artifact of one row with fuse_norm_residual too (every
+    fusion of a batch-1 decode step at once), each prompt alone."""
     from tests.test_generate import PROMPTS, recompute
     from tpcompile.api import Artifact
     from tpcompile.pipeline import build_generation, load_model
     from tpcompile.weights import materialize
-    job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1", f"backend.fuse_rope={rope}")
+    job = job_config(f"backend={backend}", "runtime.device=cuda", "tp=1", f"backend.fuse_rope={rope}",
+                     *(["generation.max_batch=1", "backend.fuse_norm_residual=true"] if one_row else []))
     artifact = Artifact(build_generation(job).path)
     assert len(artifact.manifest.changes["decode"]["decode_attention"]) == 2
     for name in ("rope_into_attention", "fuse_cache_write"):
         assert len(artifact.manifest.changes["decode"].get(name, [])) == 2 * rope
     model = load_model(job, seq_len=job.generation.max_seq)
     ref = materialize(model.module, model.source, model.dtype)
-    got = artifact.generate(PROMPTS, 24)
+    assert len(artifact.manifest.changes["decode"].get("fuse_norm_residual", [])) == (9 if one_row else 0)
+    got = [artifact.generate([p], 24)[0] for p in PROMPTS] if one_row else artifact.generate(PROMPTS, 24)
     for row, prompt in enumerate(PROMPTS):
         assert got[row] == recompute(ref, prompt, 24)[0]
