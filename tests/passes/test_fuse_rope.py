@@ -132,6 +132,22 @@ def test_llama_graph_writes_both_caches_with_one_op_before_attention_reads_them(
         torch.testing.assert_close(t, want_caches[name], **tol)
 
 
+def test_exported_and_compiled_by_aotinductor_the_write_comes_before_the_reads(tmp_path):
+    """The rewritten decode graph through torch.export and AOTInductor (as aoti engines are built, here on the CPU):
+    the step's logits are those of the captured graph, which they are only if the attention reads the caches
+    after write_kv (the step's own key and value are among those it sees)."""
+    model = llama()
+    prefill(model, [9, 30])
+    gm = capture(model, (torch.zeros(B, 1, dtype=torch.long), POS))
+    before, gm, (_, written, _) = rewritten(gm, cache_write=True)
+    assert len(written) == 2
+    want, _ = step(before)
+    program = torch.export.export(gm, (IDS, POS))
+    assert [n.target for n in program.graph.nodes].count(ops.write_kv.default) == 2
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "decode.pt2"))
+    torch.testing.assert_close(torch._inductor.aoti_load_package(package)(IDS, POS), want, rtol=1e-5, atol=1e-5)
+
+
 class Attend(torch.nn.Module):
     """One layer of one-query attention over given k, v, whose query is `rotate(x, cos, sin)`."""
 
