@@ -295,3 +295,31 @@ def test_write_kernel_on_the_gpu_equals_the_reference_eager_and_compiled(dtype):
     for case in WRITE_CASES:
         for fn in (launch, compiled):
             check_write(*run_write(case, dtype, "cuda", fn), dtype, case)
+
+
+@pytest.mark.parametrize("max_batch, tp", [(1, 1), (2, 2)])
+def test_the_decode_graph_a_gpu_build_compiles_has_every_layer_fused(job_config, max_batch, tp):
+    """The passes a GPU build with backend.fuse_rope runs, on the graphs it captures (at one row, indexing writes
+    each row's values through a view without its leading dims of 1) and on the rank graph at tp=2: in the decode
+    graph each layer's rotation of q is in its attention and its writes are one write_kv; then at one row the
+    products take their norms and residual adds: no index_put_, chunk or rms_norm is left. The prefill graph
+    (chunks of several tokens) is left to Inductor."""
+    from tpcompile.build import preflight
+    from tpcompile.passes.one_row_linear import fuse_norm_residual, one_row_linear
+    from tpcompile.pipeline import generation_graphs, load_model, rules_of
+    job = job_config(f"tp={tp}", f"generation.max_batch={max_batch}", "backend=aoti_cudagraphs",
+                     "backend.fuse_rope=true", "backend.fuse_norm_residual=true")
+    passes = job.backend.passes("cuda")
+    assert {"rope_into_attention", "fuse_cache_write"} <= passes
+    graphs = generation_graphs(job, load_model(job, seq_len=job.generation.max_seq))
+    changes = {name: preflight(g.gm, rules_of(job), tp, 4, passes).partition.changes for name, g in graphs.items()}
+    assert [len(changes["decode"][p]) for p in ("rope_into_attention", "fuse_cache_write")] == [2, 2]
+    assert not changes["prefill"].get("rope_into_attention") and not changes["prefill"].get("fuse_cache_write")
+    gm = graphs["decode"].gm
+    if max_batch == 1:
+        one_row_linear(gm)
+        fuse_norm_residual(gm)
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(ops.write_kv.default) == 2 and targets.count(ops.decode_attention.default) == 2
+    left = {aten.index_put_.default, aten.chunk.default} | ({aten.rms_norm.default} if max_batch == 1 else set())
+    assert not left & set(targets)

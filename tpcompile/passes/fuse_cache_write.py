@@ -9,7 +9,8 @@ one for k's rotation and write and one for v's write.
             y = tpcompile.decode_attention(q, k_cache, v_cache, mask, s, ...)
 
 where rows is arange(B)[:, None], positions (B, 1), k and v (B, Hkv, 1, D), the written values in the cache's
-dtype (a `to` that changes nothing is looked through) and the rotation, where there is one, either form that
+dtype (a `to` that changes nothing, and a view that drops leading dims of size 1, as a batch of one row gets, are
+looked through) and the rotation, where there is one, either form that
 rope_into_attention matches (C, S full-width tables). The op is declared as mutating both caches, so export and
 Inductor order the attention's reads after it. Runs after decode_attention (and rope_into_attention), before
 share_attention_mask, which makes the tables once per step for both ops of every layer; opt-in with
@@ -22,6 +23,7 @@ from tpcompile.passes.nodes import TO, eliminate_dead_code, tensor_val as _val, 
 from tpcompile.passes.rope_into_attention import rotation, widened
 
 aten = torch.ops.aten
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def fuse_cache_write(gm: GraphModule) -> list[str]:
@@ -73,14 +75,29 @@ def _write(node) -> tuple[Node, Node, Node, Node] | None:
     if not _row_numbers(rows, b) or _val(positions) is None or tuple(_val(positions).shape) != (b, 1) \
             or _val(positions).dtype not in (torch.int64, torch.int32):
         return None
-    while isinstance(values, Node) and values.target in TO and _val(values.args[0]) is not None \
-            and _val(values.args[0]).dtype == cache_val.dtype:
+    while isinstance(values, Node) and _looked_through(values, cache_val.dtype):
         values = values.args[0]
     if not isinstance(values, Node) or values.target != aten.transpose.int or sorted(values.args[1:]) != [1, 2]:
         return None
     x = values.args[0]
     ok = _val(x) is not None and tuple(_val(x).shape) == (b, h, 1, d) and _val(x).dtype == cache_val.dtype
     return (cache, rows, positions, x) if ok else None
+
+
+def _looked_through(node: Node, dtype: torch.dtype) -> bool:
+    """node changes nothing that is written: a `to` its input already has the dtype of, or a view that only drops
+    leading dims of size 1 (as indexing does to the values of one row: (1, 1, H, D) -> (H, D))."""
+    source = _val(node.args[0]) if node.args else None
+    if source is None:
+        return False
+    if node.target in TO:
+        return source.dtype == dtype
+    if node.target in VIEWS:
+        shape = list(source.shape)
+        while shape and shape[0] == 1 and shape != list(_val(node).shape):
+            shape.pop(0)
+        return shape == list(_val(node).shape)
+    return False
 
 
 def _row_numbers(node, b: int) -> bool:
