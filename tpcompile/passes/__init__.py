@@ -3,9 +3,9 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule
 
-from tpcompile.passes.fuse_cache_write import fuse_cache_write
 from tpcompile.passes.decode_attention import decode_attention, share_attention_mask, wanted as attention_wanted
 from tpcompile.passes.fuse_allreduce_norm import fuse_allreduce_norm, wanted as allreduce_wanted
+from tpcompile.passes.fuse_cache_write import fuse_cache_write
 from tpcompile.passes.insert_collectives import insert_collectives
 from tpcompile.passes.mask_vocab_lookup import mask_vocab_lookup
 from tpcompile.passes.propagate import (NeedFewerWays, NeedPlacement, Propagation, ShardingError,
@@ -43,7 +43,7 @@ def optional_passes(backend: str, device: str, skip=(), opt_in=()) -> frozenset[
     OPT_IN) that can run there, less `skip`."""
     on = set(DEFAULT_PASSES)
     if attention_wanted(backend, device):
-        on |= GPU_PASSES | ({"fuse_norm_residual", "rope_into_attention", "fuse_cache_write"} & set(opt_in))
+        on |= GPU_PASSES | (OPT_IN - {"fuse_allreduce_norm"}) & set(opt_in)
     if "fuse_allreduce_norm" in opt_in and allreduce_wanted(backend, device):
         on.add("fuse_allreduce_norm")
     return frozenset(on - set(skip))
