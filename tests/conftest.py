@@ -36,3 +36,12 @@ def run_cli():
         return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **(env or {})})
     return run
+
+
+def interpreted(code: str, timeout: float = 300) -> str:
+    """What `python -c code` prints, run from the repository in a process with TRITON_INTERPRET=1 (Triton kernels
+    run on the CPU); the process must succeed."""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout

@@ -212,10 +212,7 @@ def test_kernels_in_the_triton_interpreter_equal_the_reference(tmp_path):
     """float32 and float16 (the interpreter has no bfloat16), every case, in a process with TRITON_INTERPRET=1; again
     with NaN in every k and v element the mask hides: the kernel never reads them (a NaN read would reach the
     output through p * v even with p = 0)."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
+    from tests.conftest import interpreted
     code = ("import torch, sys; from tests.passes.test_decode_attention import CASES, run_case; "
             "from tpcompile.kernels.flash_decode import launch\n"
             "for dtype in (torch.float32, torch.float16):\n"
@@ -226,11 +223,7 @@ def test_kernels_in_the_triton_interpreter_equal_the_reference(tmp_path):
             "            err = (got.double() - want).abs().max().item()\n"
             "            assert err <= tol, (case, dtype, hidden, rope, err)\n"
             "            print(case, dtype, hidden, rope, err)\n")
-    env = {"TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**__import__("os").environ, **env},
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("torch.float") == 2 * 3 * len(CASES)
+    assert interpreted(code).count("torch.float") == 2 * 3 * len(CASES)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernels need CUDA and triton")

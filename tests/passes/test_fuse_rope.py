@@ -8,7 +8,6 @@ write); writes it does not cover are left alone; its Triton kernel against the r
 and on a GPU. The split kernel's rotation against the reference: test_decode_attention.py."""
 import copy
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -269,21 +268,14 @@ def check_write(got, want, before, dtype, case):
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton's interpreter needs triton")
 def test_write_kernel_in_the_triton_interpreter_equals_the_reference():
     """float32 and float16 (the interpreter has no bfloat16), every case, in a process with TRITON_INTERPRET=1."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
+    from tests.conftest import interpreted
     code = ("import torch; from tests.passes.test_fuse_rope import WRITE_CASES, run_write, check_write\n"
             "from tpcompile.kernels.kv_store import launch\n"
             "for dtype in (torch.float32, torch.float16):\n"
             "    for case in WRITE_CASES:\n"
             "        check_write(*run_write(case, dtype, 'cpu', launch), dtype, case)\n"
             "        print(case, dtype)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1",
-                                                                   "PYTHONPATH": str(REPO)},
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("torch.float") == 2 * len(WRITE_CASES)
+    assert interpreted(code).count("torch.float") == 2 * len(WRITE_CASES)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernel needs CUDA and triton")

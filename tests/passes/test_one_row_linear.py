@@ -203,11 +203,7 @@ def run_case(case, dtype, device, op):
 def test_kernel_in_the_triton_interpreter_equals_the_reference():
     """float32 and float16 (the interpreter has no bfloat16), every case, in a process with TRITON_INTERPRET=1: within
     float32 summation order, or a float16 rounding of the output."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
+    from tests.conftest import interpreted
     code = ("import torch; from tests.passes.test_one_row_linear import CASES, run_case; "
             "from tpcompile.kernels.gemv import launch\n"
             "for dtype in (torch.float32, torch.float16):\n"
@@ -217,10 +213,7 @@ def test_kernel_in_the_triton_interpreter_equals_the_reference():
             "        err = ((got.double() - want).abs() / (want.abs() + 1)).max().item()\n"
             "        assert err <= (1e-5 if dtype == torch.float32 else 2 ** -10), (case, dtype, err)\n"
             "        print(case, dtype, err)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("torch.float") == 2 * len(CASES)
+    assert interpreted(code).count("torch.float") == 2 * len(CASES)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="the kernel needs CUDA and triton")

@@ -19,7 +19,7 @@ rope_into_attention (`backend.fuse_rope=true`) until measured on a GPU.
 import torch
 from torch.fx import GraphModule, Node
 
-from tpcompile.passes.nodes import TO, eliminate_dead_code, tensor_val as _val, users_of
+from tpcompile.passes.nodes import TO, tidied, tensor_val as _val, users_of
 from tpcompile.passes.rope_into_attention import rotation, widened
 
 aten = torch.ops.aten
@@ -54,9 +54,7 @@ def fuse_cache_write(gm: GraphModule) -> list[str]:
             gm.graph.erase_node(write)
         changed.append(f"{k_cache.name}, {v_cache.name}: one write{', k rotated' if tables else ''}")
     if changed:
-        eliminate_dead_code(gm)
-        gm.graph.lint()
-        gm.recompile()
+        tidied(gm)
     return changed
 
 

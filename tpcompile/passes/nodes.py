@@ -103,6 +103,13 @@ def eliminate_dead_code(gm: GraphModule) -> None:
             gm.graph.erase_node(node)
 
 
+def tidied(gm: GraphModule) -> None:
+    """After a rewrite: dead code gone (`eliminate_dead_code`), the graph checked and the module's code made again."""
+    eliminate_dead_code(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+
 def users_of(node: Node) -> list[Node]:
     return [u for u in node.users if u.target != ASSERT]  # export's metadata checks are no uses
 

@@ -23,7 +23,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from tpcompile.passes.nodes import TO, eliminate_dead_code, tensor_val as _val
+from tpcompile.passes.nodes import TO, tidied, tensor_val as _val
 
 aten = torch.ops.aten
 
@@ -46,9 +46,7 @@ def rope_into_attention(gm: GraphModule) -> list[str]:
         node.args = (x, *node.args[1:], cos, sin)
         changed.append(f"{node.name}: rotation of {x.name} ({'half' if half else 'full'}-width tables)")
     if changed:
-        eliminate_dead_code(gm)
-        gm.graph.lint()
-        gm.recompile()
+        tidied(gm)
     return changed
 
 
